@@ -1,0 +1,264 @@
+"""KAN-ViT: the original JAX/Flax ViT (DeiT recipes) with a Chebyshev-KAN feed-forward, on timm.
+
+Built on timm's `VisionTransformer`; the options below express the original's semantics:
+  * position embedding on patch tokens only, class token prepended after (`no_embed_class`)
+  * `posemb='sincos2d'`: fixed 2-D sin-cos table, recomputed in the input's dtype (not stored)
+  * `pooling='gap'`: no class token, final norm over all tokens, then the mean (no fc_norm)
+  * LayerNorm eps 1e-6, tanh-approximated GELU, LayerScale init 1e-4
+  * kernels and embeddings ~ normal(0.02) truncated at +-2 std, biases zero
+  * feed-forward: `ChebyKAN` (D -> D, no bias, no dropout) or the DeiT MLP
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_tf_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from .chebykan import ChebyKAN
+
+__all__ = ["KanVisionTransformer", "ChebyKANFeedForward", "sincos2d_position_embedding"]
+
+POSEMB_TYPES = ("learnable", "sincos2d")
+POOLING_TYPES = ("cls", "gap")
+LAYERSCALE_INIT = 1e-4
+LAYERNORM_EPS = 1e-6
+INIT_STD = 0.02
+
+# timm options that KanVisionTransformer derives from the original's options.
+_DERIVED_TIMM_ARGS = {
+    "class_token": "pooling", "global_pool": "pooling", "fc_norm": "pooling",
+    "no_embed_class": "posemb", "pos_embed": "posemb", "init_values": "layerscale",
+    "mlp_layer": "use_kan", "act_layer": None, "norm_layer": None,
+    "pos_drop_rate": "dropout", "proj_drop_rate": "dropout", "attn_drop_rate": "dropout",
+}
+
+
+def sincos2d_position_embedding(
+    grid_h: int, grid_w: int, dim: int, dtype=torch.float32, device=None
+) -> torch.Tensor:
+    """The original's fixed table, (grid_h * grid_w, dim), rows in row-major patch order.
+
+    Token (h, w) gets concat[sin(w f), cos(w f), sin(h f), cos(h f)],
+    f = 1 / 10000 ** linspace(0, 1, dim / 4) (endpoint included).
+    """
+    if dim % 4:
+        raise ValueError(f"posemb='sincos2d' needs dim divisible by 4, got {dim}")
+    freqs = 1.0 / 10000 ** torch.linspace(0, 1, dim // 4, dtype=torch.float64, device=device)
+    h, w = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64, device=device),
+        torch.arange(grid_w, dtype=torch.float64, device=device),
+        indexing="ij",
+    )
+    wf = w.reshape(-1, 1) * freqs
+    hf = h.reshape(-1, 1) * freqs
+    return torch.cat([wf.sin(), wf.cos(), hf.sin(), hf.cos()], dim=1).to(dtype)
+
+
+class ChebyKANFeedForward(nn.Module):
+    """The original's KAN feed-forward as a timm `mlp_layer`: one ChebyKAN D -> D.
+
+    timm passes MLP options (hidden_features, act_layer, drop, bias, norm_layer, ...); the
+    original's KAN branch has no hidden expansion, activation, bias or dropout, so they are unused.
+    """
+
+    def __init__(self, in_features: int, degree: int = 8, device=None, dtype=None, **mlp_kwargs):
+        super().__init__()
+        self.kan = ChebyKAN(in_features, in_features, degree, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kan(x)
+
+
+def _checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "xla":
+        # torch_xla's checkpoint adds an optimization barrier; without it XLA's CSE undoes remat.
+        from torch_xla.utils.checkpoint import checkpoint as xla_checkpoint
+
+        return xla_checkpoint(block, x, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+
+
+class KanVisionTransformer(VisionTransformer):
+    """ViT with the original's semantics; `use_kan` selects the Chebyshev-KAN feed-forward.
+
+    Args (the original's flags; everything else is timm's `VisionTransformer`):
+        use_kan: ChebyKAN feed-forward instead of the MLP.
+        polynomial_degree: Chebyshev degree K >= 1 of the KAN layers.
+        posemb: 'learnable' (trained, patch tokens only) or 'sincos2d' (fixed).
+        pooling: 'cls' (class token) or 'gap' (mean over all tokens, no class token).
+        layerscale: learned per-channel residual scales, init 1e-4.
+        dropout: embedding, attention-probability and projection dropout rate.
+    """
+
+    def __init__(
+        self,
+        use_kan: bool = True,
+        polynomial_degree: int = 8,
+        posemb: str = "learnable",
+        pooling: str = "cls",
+        layerscale: bool = False,
+        dropout: float = 0.0,
+        **kwargs,
+    ):
+        if posemb not in POSEMB_TYPES:
+            raise ValueError(f"posemb must be one of {POSEMB_TYPES}, got {posemb!r}")
+        if pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {pooling!r}")
+        for key in _DERIVED_TIMM_ARGS.keys() & kwargs.keys():
+            hint = f"; set {_DERIVED_TIMM_ARGS[key]}= instead" if _DERIVED_TIMM_ARGS[key] else ""
+            raise ValueError(f"KanVisionTransformer fixes timm's {key!r} to the original's{hint}")
+        self.use_kan = use_kan
+        self.polynomial_degree = polynomial_degree
+        self.posemb = posemb
+        self.pooling = pooling
+        if use_kan:
+            mlp_layer = partial(ChebyKANFeedForward, degree=polynomial_degree)
+        else:
+            mlp_layer = Mlp
+        super().__init__(
+            class_token=pooling == "cls",
+            global_pool="token" if pooling == "cls" else "avg",
+            fc_norm=False,
+            no_embed_class=True,
+            pos_embed="learn" if posemb == "learnable" else "none",
+            init_values=LAYERSCALE_INIT if layerscale else None,
+            pos_drop_rate=dropout,
+            proj_drop_rate=dropout,
+            attn_drop_rate=dropout,
+            mlp_layer=mlp_layer,
+            act_layer="gelu_tanh",
+            norm_layer=partial(nn.LayerNorm, eps=LAYERNORM_EPS),
+            **kwargs,
+        )
+
+    def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
+        """The original's init (timm's default does not truncate at +-2 std nor init the conv)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                trunc_normal_tf_(module.weight, std=INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, ChebyKAN, LayerScale)):
+                module.reset_parameters()
+        for param in (self.pos_embed, self.cls_token):
+            if param is not None:
+                trunc_normal_tf_(param, std=INIT_STD)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.posemb == "learnable":
+            return super()._pos_embed(x)
+        if x.ndim == 4:  # dynamic_img_size gives NHWC
+            grid_h, grid_w = x.shape[1:3]
+            x = x.flatten(1, 2)
+        else:
+            grid_h, grid_w = self.patch_embed.grid_size
+        x = x + sincos2d_position_embedding(grid_h, grid_w, x.shape[-1], x.dtype, x.device)
+        return self.pos_drop(super()._pos_embed(x))  # timm skips pos_drop without a pos_embed
+
+    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
+        if not self.grad_checkpointing or attn_mask is not None or is_causal:
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        for block in self.blocks:
+            x = _checkpoint_block(block, x)
+        return self.norm(x)
+
+
+def checkpoint_filter_fn(state_dict: dict, model: KanVisionTransformer) -> dict:
+    """Accept our trainer checkpoints and resample a learnable pos_embed to the model's grid."""
+    state_dict = state_dict.get("model", state_dict)
+    pos_embed = state_dict.get("pos_embed")
+    if pos_embed is not None and model.pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
+        old = int(round(pos_embed.shape[1] ** 0.5))
+        state_dict = dict(state_dict)
+        state_dict["pos_embed"] = resample_abs_pos_embed(
+            pos_embed, new_size=model.patch_embed.grid_size, old_size=(old, old), num_prefix_tokens=0
+        )
+    return state_dict
+
+
+def _create_kan_vit(variant: str, pretrained: bool = False, **kwargs) -> KanVisionTransformer:
+    return build_model_with_cfg(
+        KanVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=3, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "kan_vit_tiny_patch16_224": _cfg(),
+    "kan_vit_small_patch16_224": _cfg(),
+    "kan_vit_base_patch16_224": _cfg(),
+    "deit_jax_tiny_patch16_224": _cfg(),
+    "deit_jax_small_patch16_224": _cfg(),
+    "deit_jax_base_patch16_224": _cfg(),
+})
+
+
+@register_model
+def kan_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> KanVisionTransformer:
+    """KAN-ViT-Ti/16: Chebyshev-KAN feed-forward (degree 8), the original's kan T/16 recipe."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, use_kan=True)
+    return _create_kan_vit("kan_vit_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def kan_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> KanVisionTransformer:
+    """KAN-ViT-S/16: Chebyshev-KAN feed-forward (degree 8), the original's kan S/16 recipe."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, use_kan=True)
+    return _create_kan_vit("kan_vit_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def kan_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> KanVisionTransformer:
+    """KAN-ViT-B/16: Chebyshev-KAN feed-forward (degree 8), the original's kan B/16 recipe."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, use_kan=True)
+    return _create_kan_vit("kan_vit_base_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_jax_tiny_patch16_224(pretrained: bool = False, **kwargs) -> KanVisionTransformer:
+    """The original's DeiT-Ti/16 (MLP feed-forward with tanh-GELU, no class-token posemb)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, use_kan=False)
+    return _create_kan_vit("deit_jax_tiny_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_jax_small_patch16_224(pretrained: bool = False, **kwargs) -> KanVisionTransformer:
+    """The original's DeiT-S/16 (MLP feed-forward with tanh-GELU, no class-token posemb)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, use_kan=False)
+    return _create_kan_vit("deit_jax_small_patch16_224", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def deit_jax_base_patch16_224(pretrained: bool = False, **kwargs) -> KanVisionTransformer:
+    """The original's DeiT-B/16 (MLP feed-forward with tanh-GELU, no class-token posemb)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, use_kan=False)
+    return _create_kan_vit("deit_jax_base_patch16_224", pretrained, **dict(model_args, **kwargs))
