@@ -80,7 +80,7 @@ def _checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # torch_xla's checkpoint adds an optimization barrier; without it XLA's CSE undoes remat.
         from torch_xla.utils.checkpoint import checkpoint as xla_checkpoint
 
-        return xla_checkpoint(block, x, use_reentrant=False)
+        return xla_checkpoint(block, x, use_reentrant=True)  # XLA supports only reentrant
     return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
 
 
@@ -171,19 +171,35 @@ class KanVisionTransformer(VisionTransformer):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: KanVisionTransformer) -> dict:
-    """Accept our trainer checkpoints and resample a learnable pos_embed to the model's grid."""
-    state_dict = state_dict.get("model", state_dict)
+    """Adapt a state dict (ours or a trainer checkpoint's "model") to `model`.
+
+    A learnable pos_embed is resampled (bicubic) to the model's grid; a head of another shape
+    (or one the model lacks) is replaced by the model's own freshly initialised head.
+    """
+    state_dict = dict(state_dict.get("model", state_dict))
     pos_embed = state_dict.get("pos_embed")
     if pos_embed is not None and model.pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
         old = int(round(pos_embed.shape[1] ** 0.5))
-        state_dict = dict(state_dict)
         state_dict["pos_embed"] = resample_abs_pos_embed(
             pos_embed, new_size=model.patch_embed.grid_size, old_size=(old, old), num_prefix_tokens=0
         )
+    head = dict(model.head.named_parameters())
+    for key in ("weight", "bias"):
+        if f"head.{key}" not in state_dict:
+            continue
+        if key not in head:
+            del state_dict[f"head.{key}"]
+        elif state_dict[f"head.{key}"].shape != head[key].shape:
+            state_dict[f"head.{key}"] = head[key].detach().clone()
     return state_dict
 
 
 def _create_kan_vit(variant: str, pretrained: bool = False, **kwargs) -> KanVisionTransformer:
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and "num_classes" not in overlay:
+        # timm silently drops a head whose size differs from the cfg's 1000 classes;
+        # checkpoint_filter_fn decides by the head's actual shape instead.
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, num_classes=kwargs.get("num_classes", 1000))
     return build_model_with_cfg(
         KanVisionTransformer,
         variant,
