@@ -173,24 +173,26 @@ class KanVisionTransformer(VisionTransformer):
 def checkpoint_filter_fn(state_dict: dict, model: KanVisionTransformer) -> dict:
     """Adapt a state dict (ours or a trainer checkpoint's "model") to `model`.
 
-    A learnable pos_embed is resampled (bicubic) to the model's grid; a head of another shape
-    (or one the model lacks) is replaced by the model's own freshly initialised head.
+    A learnable pos_embed is resampled (bicubic) to the model's grid; a missing head or one of
+    another shape is replaced by the model's own freshly initialised head (dropped if the model
+    has none).
     """
     state_dict = dict(state_dict.get("model", state_dict))
     pos_embed = state_dict.get("pos_embed")
     if pos_embed is not None and model.pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
+        # antialiased bicubic (Keys a=-0.5), the same weights as the original's jax.image.resize
         old = int(round(pos_embed.shape[1] ** 0.5))
         state_dict["pos_embed"] = resample_abs_pos_embed(
-            pos_embed, new_size=model.patch_embed.grid_size, old_size=(old, old), num_prefix_tokens=0
+            pos_embed, new_size=model.patch_embed.grid_size, old_size=(old, old),
+            num_prefix_tokens=0, interpolation="bicubic", antialias=True,
         )
     head = dict(model.head.named_parameters())
     for key in ("weight", "bias"):
-        if f"head.{key}" not in state_dict:
-            continue
+        name = f"head.{key}"
         if key not in head:
-            del state_dict[f"head.{key}"]
-        elif state_dict[f"head.{key}"].shape != head[key].shape:
-            state_dict[f"head.{key}"] = head[key].detach().clone()
+            state_dict.pop(name, None)
+        elif name not in state_dict or state_dict[name].shape != head[key].shape:
+            state_dict[name] = head[key].detach().clone()
     return state_dict
 
 

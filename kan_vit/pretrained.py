@@ -1,0 +1,98 @@
+"""Fine-tuning starts: load any checkpoint into a configured model (original-semantics §4).
+
+Accepted files: our trainer checkpoints and `.pth` state dicts (a "model" entry or a plain state
+dict), `.safetensors` (the converter's output), and the original's `.msgpack` (converted on the
+fly, no JAX). A learnable position embedding is resized bicubically when the grid differs; the
+head is re-initialised when missing or of another shape, unless a label mapping builds it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .vision_transformer import checkpoint_filter_fn
+
+_logger = logging.getLogger(__name__)
+
+LABEL_MAPPING_OTHER_BIAS = -10.0  # the original's bias for classes the mapping does not fill
+
+
+def read_state_dict(path: str | Path, image_size: int = 224) -> dict[str, torch.Tensor]:
+    """A PyTorch state dict from any supported checkpoint file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check model.pretrained_ckpt")
+    if path.suffix == ".msgpack":
+        from .convert import flax_to_timm
+        from .flax_msgpack import load as load_msgpack
+
+        state_dict, _, _ = flax_to_timm(load_msgpack(path), image_size=image_size)
+        return state_dict
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
+    return checkpoint.get("model", checkpoint)
+
+
+def read_label_mapping(path: str | Path) -> tuple[list[int], list[int]]:
+    """The original's label-mapping JSON: {"src": [...], "dst": [...]} of equal length."""
+    try:
+        mapping = json.loads(Path(path).read_text())
+        src, dst = [int(i) for i in mapping["src"]], [int(i) for i in mapping["dst"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"label mapping {path}: expected a JSON file {{\"src\": [...], \"dst\": [...]}} ({e})"
+        ) from e
+    if len(src) != len(dst):
+        raise ValueError(f"label mapping {path}: src has {len(src)} entries, dst {len(dst)}")
+    return src, dst
+
+
+def map_head(state_dict: dict, model: torch.nn.Module, src: list[int], dst: list[int]) -> dict:
+    """Head rows/biases copied src -> dst; other rows 0, other biases -10 (the original's rule)."""
+    if "head.weight" not in state_dict:
+        raise ValueError("a label mapping needs a checkpoint with a classification head; it has none")
+    if not isinstance(model.head, torch.nn.Linear):
+        raise ValueError("a label mapping needs model.labels set (the model has no head)")
+    old_w, old_b = state_dict["head.weight"], state_dict["head.bias"]
+    num_classes = model.head.out_features
+    for name, ids, limit in (("src", src, old_w.shape[0]), ("dst", dst, num_classes)):
+        bad = [i for i in ids if not 0 <= i < limit]
+        if bad:
+            raise ValueError(f"label mapping {name} ids {bad[:5]} are outside [0, {limit})")
+    weight = old_w.new_zeros(num_classes, old_w.shape[1])
+    bias = old_b.new_full((num_classes,), LABEL_MAPPING_OTHER_BIAS)
+    weight[dst] = old_w[src]
+    bias[dst] = old_b[src]
+    return {**state_dict, "head.weight": weight, "head.bias": bias}
+
+
+def load_pretrained(model: torch.nn.Module, model_cfg) -> None:
+    """Initialise `model` from `model_cfg.pretrained_ckpt` (+ `model_cfg.label_mapping`)."""
+    state_dict = read_state_dict(model_cfg.pretrained_ckpt, image_size=model_cfg.image_size)
+    if model_cfg.label_mapping:
+        state_dict = map_head(state_dict, model, *read_label_mapping(model_cfg.label_mapping))
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"checkpoint {model_cfg.pretrained_ckpt} does not fit the configured model "
+            f"(missing {missing[:4]}, unexpected {unexpected[:4]}, shapes {mismatched[:4]}); "
+            "make model.* (layers, dim, heads, use_kan, polynomial_degree, posemb, pooling, "
+            "layerscale, patch_size) match the checkpoint"
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()})
+    _logger.info("initialised from %s", model_cfg.pretrained_ckpt)
