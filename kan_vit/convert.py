@@ -17,7 +17,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import warnings
 from contextlib import contextmanager
 from functools import lru_cache
@@ -196,7 +195,7 @@ def _depth(leaves: dict, pattern: str, what: str) -> int:
 def _grid(num_tokens: int, key: str) -> int:
     grid = math.isqrt(num_tokens)
     if grid * grid != num_tokens:
-        raise ConvertError(f"{key} has {num_tokens} positions, not a square grid")
+        raise ConvertError(f"{key} has {num_tokens} positions: not a square grid (plus a class token)")
     return grid
 
 
@@ -297,7 +296,8 @@ def flax_to_timm(params: dict, image_size: int | None = None) -> tuple[dict, str
     state_dict = {}
     for key, paths, _, shape, kind in _mapping(arch):
         parts = [_to_timm_layout(leaves[p], kind, (shape[0] // len(paths),) + shape[1:]) for p in paths]
-        value = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0], order="C")
+        value = np.empty(shape, parts[0].dtype)  # C order for safetensors; filled without a temporary
+        np.concatenate(parts, out=value)
         state_dict[key] = torch.from_numpy(value)
     name, model_args = timm_model_for(arch)
     return state_dict, name, model_args
@@ -359,16 +359,22 @@ def _atomic_outputs(*paths: Path):
     temps = []
     try:
         for path in paths:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
+            tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
             temps.append(tmp)
-        yield temps
+            try:
+                open(tmp, "wb").close()
+            except OSError as e:
+                raise ConvertError(f"cannot write {path}: {e.strerror}") from None
+        yield [str(tmp) for tmp in temps]
+        umask = os.umask(0)
+        os.umask(umask)
         for tmp, path in zip(temps, paths):
+            os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
             os.replace(tmp, path)
     finally:
         for tmp in temps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            if tmp.exists():
+                tmp.unlink()
 
 
 def _load_torch_source(source: str) -> tuple[dict, int | None]:

@@ -164,6 +164,10 @@ def _write(fp: BinaryIO, packer: msgpack.Packer, node, max_chunk_size: float) ->
         raise TypeError(f"cannot serialize a {type(node).__name__} in a Flax msgpack tree")
 
 
-def dump(tree, fp: BinaryIO, *, max_chunk_size: int = MAX_CHUNK_SIZE) -> None:
-    """Write the bytes of `flax.serialization.msgpack_serialize(tree)` to the binary file `fp`."""
-    _write(fp, msgpack.Packer(use_bin_type=True), tree, max_chunk_size)
+def dump(tree, fp: BinaryIO, *, max_chunk_size: int | None = None) -> None:
+    """Write the bytes of `flax.serialization.msgpack_serialize(tree)` to the binary file `fp`.
+
+    Arrays over `max_chunk_size` bytes (default: the module's `MAX_CHUNK_SIZE`) are chunked.
+    """
+    chunk = MAX_CHUNK_SIZE if max_chunk_size is None else max_chunk_size
+    _write(fp, msgpack.Packer(use_bin_type=True), tree, chunk)

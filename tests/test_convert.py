@@ -1,0 +1,312 @@
+"""Flax <-> PyTorch checkpoint conversion (issue 3).
+
+Fixtures are written by the real `flax.serialization`; converted models are checked against the
+independent NumPy forward pass (tests/numpy_reference.py) in float64.
+"""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from kan_vit import flax_msgpack
+from kan_vit.convert import flax_to_timm, main, timm_to_flax
+from numpy_reference import forward as reference_forward
+from numpy_reference import random_params
+
+serialization = pytest.importorskip("flax.serialization")
+
+SMALL = dict(layers=2, dim=16, heads=2, patch=4, grid=3)
+IMAGE_SIZE = 12  # grid 3 x patch 4
+
+VARIANTS = {
+    "kan-learnable-cls": dict(degree=3),
+    "kan-sincos2d-gap-layerscale": dict(degree=4, posemb="sincos2d", pooling="gap", layerscale=True),
+    "mlp": dict(degree=None),
+    "kan-degree1-nohead": dict(degree=1, labels=None),
+}
+
+
+def _leaves(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}/"))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _assert_trees_identical(actual, expected):
+    a, e = _leaves(actual), _leaves(expected)
+    assert a.keys() == e.keys()
+    for key in e:
+        assert a[key].dtype == e[key].dtype == np.float32, key
+        assert a[key].shape == e[key].shape, key
+        assert np.array_equal(a[key], e[key]), key
+
+
+def _write_flax(path, params):
+    path.write_bytes(serialization.msgpack_serialize(params))
+    return path
+
+
+def _images(n=3):
+    return np.random.default_rng(7).standard_normal((n, 3, IMAGE_SIZE, IMAGE_SIZE))
+
+
+# --- the msgpack format ----------------------------------------------------------------------
+
+def _mixed_tree():
+    rng = np.random.default_rng(0)
+    return {
+        "model": {
+            "b": rng.standard_normal((3, 4, 5)).astype(np.float32),
+            "a": {"kernel": rng.standard_normal((7, 300)).astype(np.float32), "x": np.arange(5)},
+            "scalar": np.float32(2.5),
+            "zero_d": np.zeros((), np.float64),
+        },
+        "step": 12,
+        "lr": 1e-3,
+        "name": "run",
+        "flag": True,
+        "none": None,
+    }
+
+
+@pytest.mark.parametrize("chunk", [None, 256])
+def test_writer_bytes_equal_flax(chunk, monkeypatch):
+    tree = _mixed_tree()
+    if chunk:
+        monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", chunk)  # (7, 300) f32 is chunked
+    buf = io.BytesIO()
+    flax_msgpack.dump(tree, buf, **({"max_chunk_size": chunk} if chunk else {}))
+    flax_bytes = serialization.msgpack_serialize(tree)
+    assert (b"__msgpack_chunked_array__" in flax_bytes) == bool(chunk)
+    assert buf.getvalue() == flax_bytes
+    restored = serialization.msgpack_restore(buf.getvalue())
+    assert np.array_equal(restored["model"]["a"]["kernel"], tree["model"]["a"]["kernel"])
+    assert restored["model"]["scalar"] == np.float32(2.5)
+
+
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_reader_matches_flax_restore(chunk, monkeypatch):
+    tree = _mixed_tree()
+    if chunk:
+        monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", chunk)
+    data = serialization.msgpack_serialize(tree)
+    ours, theirs = flax_msgpack.restore(data), serialization.msgpack_restore(data)
+    assert ours.keys() == theirs.keys()
+    assert {k: ours[k] for k in ("step", "lr", "name", "flag", "none")} == \
+        {k: theirs[k] for k in ("step", "lr", "name", "flag", "none")}
+    for key in ("b", "scalar", "zero_d"):
+        assert type(ours["model"][key]) is type(theirs["model"][key])
+        assert ours["model"][key].dtype == theirs["model"][key].dtype
+        assert np.array_equal(ours["model"][key], theirs["model"][key])
+    for key in ("kernel", "x"):
+        assert ours["model"]["a"][key].dtype == theirs["model"]["a"][key].dtype
+        assert ours["model"]["a"][key].shape == theirs["model"]["a"][key].shape
+        assert np.array_equal(ours["model"]["a"][key], theirs["model"]["a"][key])
+
+
+@pytest.mark.parametrize("data", [b"hello world", b"", b"\x81\xa1a\xc7\x03\x01abc"])
+def test_reader_rejects_non_msgpack(data):
+    with pytest.raises(flax_msgpack.FlaxMsgpackError):
+        flax_msgpack.restore(data)
+
+
+# --- conversion against the NumPy reference ----------------------------------------------------
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cli_flax_to_timm_to_flax(variant, tmp_path, capsys):
+    params = random_params(seed=3, **SMALL, **VARIANTS[variant])
+    src = _write_flax(tmp_path / "orig.msgpack", params)
+    suffix = ".pth" if variant == "mlp" else ".safetensors"
+    out = tmp_path / f"converted{suffix}"
+    assert main([str(src), str(out), "--image-size", str(IMAGE_SIZE)] if "sincos" in variant
+                else [str(src), str(out)]) == 0
+    printed = capsys.readouterr().out
+    n_params = sum(v.size for v in _leaves(params).values())
+    assert f"Parameters: {n_params:,}" in printed and str(out) in printed
+
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    # strict loading: a missing or unexpected key raises here
+    model = timm.create_model(sidecar["model"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(out)), **sidecar["model_args"])
+    logits = model.double().eval()(torch.from_numpy(_images())).detach().numpy()
+    assert np.abs(logits - reference_forward(params, _images())).max() <= 1e-6
+
+    back = tmp_path / "back.msgpack"
+    assert main([str(out), str(back)]) == 0  # heads come from the sidecar
+    assert back.read_bytes() == src.read_bytes()  # every leaf bit-identical, same layout
+    _assert_trees_identical(serialization.msgpack_restore(back.read_bytes()), params)
+
+
+def test_named_sizes_get_registered_names():
+    params = random_params(seed=0, layers=1, dim=192, heads=3, patch=16, grid=14, labels=1000, degree=8)
+    _, name, model_args = flax_to_timm(params)
+    assert (name, model_args) == ("kan_vit_tiny_patch16_224", {"depth": 1})
+    params = random_params(seed=0, layers=1, dim=384, heads=6, patch=16, grid=2, labels=10, degree=None)
+    _, name, model_args = flax_to_timm(params)
+    assert name == "deit_jax_small_patch16_224"
+    assert model_args == {"depth": 1, "img_size": 32, "num_classes": 10}
+
+
+def test_exclude_head(tmp_path):
+    params = random_params(seed=4, **SMALL, degree=2)
+    src = _write_flax(tmp_path / "orig.msgpack", params)
+    out = tmp_path / "headless.safetensors"
+    assert main([str(src), str(out), "--exclude-head"]) == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["model_args"]["num_classes"] == 0
+    model = timm.create_model(sidecar["model"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(out)), **sidecar["model_args"])
+    features = model.double().eval()(torch.from_numpy(_images())).detach().numpy()
+    del params["model"]["head"]
+    assert np.abs(features - reference_forward(params, _images())).max() <= 1e-6
+
+
+def test_chunked_flax_file(tmp_path, monkeypatch):
+    """Reading Flax's chunked layout and writing it gives the same arrays as the plain layout."""
+    params = random_params(seed=5, **SMALL, degree=3)
+    plain = _write_flax(tmp_path / "plain.msgpack", params)
+    monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", 512)  # every (16,16,4) coefficient chunked
+    chunked = _write_flax(tmp_path / "chunked.msgpack", params)
+    assert b"__msgpack_chunked_array__" in chunked.read_bytes()
+    _assert_trees_identical(flax_msgpack.load(chunked), flax_msgpack.load(plain))
+    monkeypatch.setattr(flax_msgpack, "MAX_CHUNK_SIZE", 512)  # main()'s writer uses the default
+    out = tmp_path / "w.safetensors"
+    assert main([str(chunked), str(out)]) == 0
+    back = tmp_path / "back.msgpack"
+    assert main([str(out), str(back)]) == 0
+    assert back.read_bytes() == chunked.read_bytes()
+    _assert_trees_identical(serialization.msgpack_restore(back.read_bytes()), params)
+
+
+def test_timm_vit_folds_class_position_embedding(tmp_path, capsys):
+    """timm's own ViT layout (position embedding on the class token) from a .pth state dict."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=4, embed_dim=16,
+                              depth=2, num_heads=2, num_classes=5, act_layer="gelu_tanh").double().eval()
+    with torch.no_grad():
+        model.pos_embed.normal_(std=0.5)
+        model.cls_token.normal_(std=0.5)
+    src = tmp_path / "vit.pth"
+    torch.save({"model": model.state_dict(), "epoch": 3}, src)  # trainer-checkpoint shape
+    out = tmp_path / "vit.msgpack"
+    assert main([str(src), str(out)]) == 1
+    assert "--num-heads" in capsys.readouterr().err
+    assert main([str(src), str(out), "--num-heads", "2"]) == 0
+    assert "folded the class token's position embedding" in capsys.readouterr().err
+    params = serialization.msgpack_restore(out.read_bytes())
+    assert params["model"]["embed"]["wpe"].shape == (3, 3, 16)
+    expected = model(torch.from_numpy(_images())).detach().numpy()
+    assert np.abs(reference_forward(params, _images()) - expected).max() <= 1e-6
+
+
+def test_timm_semantics_checks():
+    from kan_vit.convert import ConvertError, _check_timm_semantics
+
+    small = dict(img_size=IMAGE_SIZE, patch_size=4, embed_dim=16, depth=1, num_heads=2)
+    with pytest.warns(UserWarning, match="tanh-approximated GELU"):
+        _check_timm_semantics(timm.create_model("vit_tiny_patch16_224", **small), "vit_tiny_patch16_224")
+    with pytest.raises(ConvertError, match="pooling"):
+        _check_timm_semantics(timm.create_model("vit_tiny_patch16_224", global_pool="avg", **small), "x")
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def _tree_missing_key():
+    params = random_params(seed=6, **SMALL, degree=3)
+    del params["model"]["norm"]["scale"]
+    return params
+
+
+def _tree_unexpected_key():
+    params = random_params(seed=6, **SMALL, degree=3)
+    params["model"]["layer_1"]["extra"] = np.zeros(3, np.float32)
+    return params
+
+
+def _tree_mixed_degrees():
+    params = random_params(seed=6, **SMALL, degree=3)
+    params["model"]["layer_1"]["ff"]["ChebyKAN_0"]["coefficients"] = np.zeros((16, 16, 6), np.float32)
+    return params
+
+
+def _tree_no_model():
+    return {"params": random_params(seed=6, **SMALL, degree=3)["model"]}
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: b"this is not msgpack", "not a msgpack file"),
+    (_tree_missing_key, "missing keys ['norm/scale']"),
+    (_tree_unexpected_key, "unexpected keys ['layer_1/extra']"),
+    (_tree_mixed_degrees, "layer_1/ff/ChebyKAN_0/coefficients is (16, 16, 6)"),
+    (_tree_no_model, "'model' is missing"),
+])
+def test_bad_flax_input(make, message, tmp_path, capsys):
+    made = make()
+    src = tmp_path / "bad.msgpack"
+    src.write_bytes(made if isinstance(made, bytes) else serialization.msgpack_serialize(made))
+    assert main([str(src), str(tmp_path / "out.safetensors")]) != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.msgpack"]
+
+
+def test_unwritable_output_and_bad_suffix(tmp_path, capsys):
+    src = _write_flax(tmp_path / "m.msgpack", random_params(seed=7, **SMALL, degree=2))
+    assert main([str(src), str(tmp_path / "missing_dir" / "out.safetensors")]) != 0
+    assert "cannot write" in capsys.readouterr().err
+    assert main([str(src), str(tmp_path / "out.txt")]) != 0
+    assert ".safetensors or .pth" in capsys.readouterr().err
+    assert main([str(tmp_path / "x.pth"), str(tmp_path / "y.pth")]) != 0
+    assert "cannot tell the direction" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.msgpack"]
+
+
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """An error while serializing (here: disk full) removes the temporary files."""
+    src = _write_flax(tmp_path / "m.msgpack", random_params(seed=7, **SMALL, degree=2))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert main([str(src), str(tmp_path / "out.pth")]) != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.msgpack"]
+
+
+def test_timm_to_flax_rejects_other_layouts():
+    from kan_vit.convert import ConvertError
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=4, embed_dim=16,
+                              depth=1, num_heads=2, reg_tokens=1)
+    with pytest.raises(ConvertError, match="pos_embed has 11 positions"):
+        timm_to_flax(model.state_dict(), num_heads=2)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=4, embed_dim=16,
+                              depth=1, num_heads=2, reg_tokens=1, no_embed_class=True)
+    with pytest.raises(ConvertError, match="unexpected keys \\['reg_token'\\]"):
+        timm_to_flax(model.state_dict(), num_heads=2)
+
+
+def test_converter_does_not_import_jax(tmp_path):
+    src = _write_flax(tmp_path / "m.msgpack", random_params(seed=8, **SMALL, degree=2))
+    code = (
+        "import sys\n"
+        "from kan_vit.convert import main\n"
+        f"assert main([{str(src)!r}, {str(tmp_path / 'o.safetensors')!r}]) == 0\n"
+        f"assert main([{str(tmp_path / 'o.safetensors')!r}, {str(tmp_path / 'b.msgpack')!r}]) == 0\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax'))\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "b.msgpack").read_bytes() == src.read_bytes()
