@@ -1,0 +1,136 @@
+"""Optimization as the original (original-semantics §3): decay mask, layer-wise lr decay,
+AdamW / LAMB, and the warmup-cosine schedule computed on the device.
+
+XLA: the schedule runs on a 0-dim device step tensor and `set_lr` stores device tensors in the
+param groups, so the lr lives inside the step graph (no per-step host->device scalar upload,
+no `.item()`); with `create_optimizer` neither optimizer recompiles or falls back to the CPU
+(timm's LAMB keeps its step count on the host: its bias corrections are uploaded as two scalars
+per step and cause one recompile each, once per run, when float32(1 - beta**t) reaches 1.0).
+
+Trainer use, per optimizer update (`step` a 0-dim int tensor on the device, the update's
+0-based index):
+    set_lr(optimizer, lr_at(step, cfg.optim.learning_rate, warmup, training_steps))
+    ... backward ...; torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0; optimizer.step()
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Union
+
+import torch
+from torch import nn
+from timm.optim import Lamb
+
+from .config import OptimConfig
+
+__all__ = ["param_groups", "create_optimizer", "lr_at", "set_lr", "WARMUP_INIT_LR", "COSINE_END_LR"]
+
+WARMUP_INIT_LR = 1e-6
+COSINE_END_LR = 1e-5
+
+# The original decays exactly its `kernel` params: the weights of Dense and Conv layers.
+_KERNEL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_EMBED_PREFIXES = ("patch_embed.", "cls_token", "reg_token", "pos_embed")
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _kernel_names(model: nn.Module) -> set[str]:
+    return {
+        f"{name}.weight" if name else "weight"
+        for name, module in model.named_modules()
+        if isinstance(module, _KERNEL_MODULES)
+    }
+
+
+def _layer_id(name: str, num_layers: int) -> int:
+    if name.startswith(_EMBED_PREFIXES):
+        return 0
+    match = _BLOCK_RE.match(name)
+    return int(match.group(1)) + 1 if match else num_layers
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_decay: float) -> list[dict]:
+    """Param groups with the original's decay mask and layer-wise lr scales.
+
+    Decayed (weight_decay): Linear/Conv weights only; not KAN coefficients, biases, norms,
+    cls_token, pos_embed, LayerScale gammas. lr_scale = lr_decay ** (L - i), i = 0 for the
+    embedding, k + 1 for `blocks.k`, L for the rest (final norm, head); L = len(model.blocks).
+    Each group has 'params', 'weight_decay', 'lr_scale' and 'decayed' (the mask, for LAMB).
+    """
+    if not 0.0 < lr_decay <= 1.0:
+        raise ValueError(f"optim.lr_decay must be in (0, 1], got {lr_decay}")
+    if weight_decay < 0.0:
+        raise ValueError(f"optim.weight_decay must be >= 0, got {weight_decay}")
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential):
+        raise ValueError(
+            f"param_groups needs a ViT-like model with an nn.Sequential `blocks`, got {type(model).__name__}"
+        )
+    num_layers = len(blocks)
+    kernels = _kernel_names(model)
+    groups: dict[tuple[float, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decayed = name in kernels
+        lr_scale = lr_decay ** (num_layers - _layer_id(name, num_layers))
+        group = groups.setdefault(
+            (lr_scale, decayed),
+            dict(params=[], weight_decay=weight_decay if decayed else 0.0, lr_scale=lr_scale, decayed=decayed),
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def create_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (decoupled) or LAMB over `param_groups`; build it after moving the model to its device."""
+    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.lr_decay)
+    for group in groups:
+        group["lr"] = optim_cfg.learning_rate * group["lr_scale"]
+    betas = (optim_cfg.adam_b1, optim_cfg.adam_b2)
+    if optim_cfg.optimizer == "adamw":
+        # capturable keeps the step count on the device and reads a tensor lr without .item().
+        capturable = next(model.parameters()).device.type == "xla"
+        return torch.optim.AdamW(
+            groups, lr=optim_cfg.learning_rate, betas=betas, eps=optim_cfg.adam_eps, capturable=capturable
+        )
+    if optim_cfg.optimizer == "lamb":
+        for group in groups:
+            # Trust ratio on exactly the decayed params, also when weight_decay is 0.
+            group["always_adapt"] = group["decayed"]
+        # No built-in clipping (the original clips only through optim.clip_grad); L2-style decay
+        # added to the Adam direction before the trust ratio, as the original.
+        return Lamb(
+            groups, lr=optim_cfg.learning_rate, betas=betas, eps=optim_cfg.adam_eps,
+            max_grad_norm=None, decoupled_decay=False, trust_clip=False,
+        )
+    raise ValueError(f"optim.optimizer must be 'adamw' or 'lamb', got {optim_cfg.optimizer!r}")
+
+
+def lr_at(
+    step: Union[int, torch.Tensor], peak_lr: float, warmup_steps: int, training_steps: int
+) -> Union[float, torch.Tensor]:
+    """The lr of optimizer update `step` (0-based): linear warmup 1e-6 -> peak over
+    warmup_steps, cosine peak -> 1e-5 at training_steps, constant after.
+
+    A Python int gives a float; a 0-dim tensor gives a float32 tensor on its device, built from
+    torch ops only (no host sync, same graph for every step value).
+    """
+    if not 0 <= warmup_steps < training_steps:
+        raise ValueError(
+            f"need 0 <= schedule.warmup_steps < schedule.training_steps, got {warmup_steps} and {training_steps}"
+        )
+    as_float = not torch.is_tensor(step)
+    t = torch.tensor(float(step), dtype=torch.float64) if as_float else step.to(torch.float32)
+    warmup = WARMUP_INIT_LR + (peak_lr - WARMUP_INIT_LR) * t / max(warmup_steps, 1)
+    progress = ((t - warmup_steps) / (training_steps - warmup_steps)).clamp(0.0, 1.0)
+    cosine = COSINE_END_LR + (peak_lr - COSINE_END_LR) * 0.5 * (1.0 + torch.cos(math.pi * progress))
+    lr = torch.where(t < warmup_steps, warmup, cosine)
+    return lr.item() if as_float else lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: Union[float, torch.Tensor]) -> None:
+    """Put lr * group['lr_scale'] into every group; a device tensor lr stays in the step graph."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
