@@ -20,7 +20,7 @@ _logger = logging.getLogger(__name__)
 LABEL_MAPPING_OTHER_BIAS = -10.0  # the original's bias for classes the mapping does not fill
 
 
-def read_state_dict(path: str | Path, image_size: int = 224) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A PyTorch state dict from any supported checkpoint file (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
@@ -29,7 +29,7 @@ def read_state_dict(path: str | Path, image_size: int = 224) -> dict[str, torch.
         from .convert import flax_to_timm
         from .flax_msgpack import load as load_msgpack
 
-        state_dict, _, _ = flax_to_timm(load_msgpack(path), image_size=image_size)
+        state_dict, _, _ = flax_to_timm(load_msgpack(path))  # weights do not depend on image size
         return state_dict
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -76,7 +76,7 @@ def map_head(state_dict: dict, model: torch.nn.Module, src: list[int], dst: list
 
 def load_pretrained(model: torch.nn.Module, model_cfg) -> None:
     """Initialise `model` from `model_cfg.pretrained_ckpt` (+ `model_cfg.label_mapping`)."""
-    state_dict = read_state_dict(model_cfg.pretrained_ckpt, image_size=model_cfg.image_size)
+    state_dict = read_state_dict(model_cfg.pretrained_ckpt)
     if model_cfg.label_mapping:
         state_dict = map_head(state_dict, model, *read_label_mapping(model_cfg.label_mapping))
     state_dict = checkpoint_filter_fn(state_dict, model)

@@ -1,0 +1,241 @@
+"""KAN-ViT / DeiT-JAX models: timm integration, sizes, init, and equality with the original's math."""
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import kan_vit  # noqa: F401  (registers the models)
+from kan_vit import KanVisionTransformer
+from kan_vit.convert import flax_to_timm
+from numpy_reference import forward as reference_forward
+from numpy_reference import random_params
+
+KAN_MODELS = ["kan_vit_tiny_patch16_224", "kan_vit_small_patch16_224", "kan_vit_base_patch16_224"]
+MLP_MODELS = ["deit_jax_tiny_patch16_224", "deit_jax_small_patch16_224", "deit_jax_base_patch16_224"]
+SMALL = dict(img_size=32, depth=2, num_classes=7)
+
+
+def expected_param_count(dim, layers=12, patch=16, grid=14, labels=1000, degree=None,
+                         learnable=True, cls=True, layerscale=False):
+    """Closed form of the original's parameter count (original-semantics §1 table)."""
+    embed = patch * patch * 3 * dim + dim + (grid * grid * dim if learnable else 0) + (dim if cls else 0)
+    attn = 3 * (dim * dim + dim) + dim * dim + dim
+    ff = dim * dim * (degree + 1) if degree else (dim * 4 * dim + 4 * dim) + (4 * dim * dim + dim)
+    layer = 4 * dim + attn + ff + (2 * dim if layerscale else 0)
+    head = dim * labels + labels if labels else 0
+    return embed + layers * layer + 2 * dim + head
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registered():
+    assert timm.list_models("kan_vit*") == sorted(KAN_MODELS)
+    assert timm.list_models("deit_jax*") == sorted(MLP_MODELS)
+
+
+@pytest.mark.parametrize("name", KAN_MODELS + MLP_MODELS)
+def test_small_models_build_and_run(name):
+    model = timm.create_model(name, **SMALL).eval()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name,dim", [
+    ("kan_vit_small_patch16_224", 384), ("deit_jax_small_patch16_224", 384),
+    ("kan_vit_tiny_patch16_224", 192), ("deit_jax_tiny_patch16_224", 192),
+])
+def test_param_counts(name, dim):
+    model = timm.create_model(name)
+    degree = 8 if name.startswith("kan") else None
+    assert n_params(model) == expected_param_count(dim, degree=degree)
+
+
+def test_published_sizes():
+    assert expected_param_count(384, degree=8) == 23_796_712
+    assert expected_param_count(384) == 22_050_280
+    with torch.device("meta"):
+        assert n_params(timm.create_model("kan_vit_base_patch16_224")) == expected_param_count(768, degree=8)
+        assert n_params(timm.create_model("deit_jax_base_patch16_224")) == expected_param_count(768)
+
+
+def test_options_change_the_architecture():
+    model = timm.create_model(
+        "kan_vit_tiny_patch16_224", img_size=32, depth=2, num_classes=3, polynomial_degree=2,
+        posemb="sincos2d", pooling="gap", layerscale=True, drop_path_rate=0.2,
+    )
+    assert model.pos_embed is None and model.cls_token is None and model.num_prefix_tokens == 0
+    assert model.blocks[0].mlp.kan.coefficients.shape == (192, 192, 3)
+    assert torch.all(model.blocks[1].ls2.gamma == 1e-4)
+    assert model.blocks[1].drop_path2.drop_prob == pytest.approx(0.2)
+    assert n_params(model) == expected_param_count(
+        192, layers=2, grid=2, labels=3, degree=2, learnable=False, cls=False, layerscale=True)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(posemb="sincos"), "posemb must be one of"),
+    (dict(pooling="avg"), "pooling must be one of"),
+    (dict(polynomial_degree=0), "degree must be an integer >= 1"),
+    (dict(global_pool="avg"), "set pooling= instead"),
+    (dict(act_layer="gelu"), "fixes timm's 'act_layer'"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model("kan_vit_tiny_patch16_224", **SMALL, **kwargs)
+
+
+def test_original_init():
+    """Kernels/embeddings ~ N(0, 0.02) truncated at +-2 std, biases 0, LN (1, 0), KAN std 1/(D(K+1))."""
+    torch.manual_seed(0)
+    model = timm.create_model("kan_vit_small_patch16_224", layerscale=True)
+    truncated_std = 0.02 * 0.8796  # std of a standard normal truncated to [-2, 2]
+    for name, p in model.named_parameters():
+        if name.endswith(".weight") and p.ndim >= 2 or name in ("pos_embed", "cls_token"):
+            assert p.abs().max() <= 0.04 + 1e-7, name
+            if p.numel() > 10000:
+                assert abs(p.std().item() / truncated_std - 1) < 0.05, name
+        elif name.endswith("coefficients"):
+            assert abs(p.std().item() * 384 * 9 - 1) < 0.05, name
+        elif name.endswith("gamma"):
+            assert torch.all(p == 1e-4), name
+        elif "norm" in name and name.endswith("weight"):
+            assert torch.all(p == 1), name
+        else:
+            assert name.endswith("bias") and torch.all(p == 0), name
+
+
+def test_timm_api():
+    model = timm.create_model("kan_vit_tiny_patch16_224", **SMALL).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_features(x)
+    assert feats.shape == (2, 1 + 4, 192)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, 192)
+    torch.testing.assert_close(model.forward_head(feats), model(x))
+    model.reset_classifier(11)
+    assert model(x).shape == (2, 11)
+    assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
+    assert model.pretrained_cfg["crop_pct"] == 0.875
+    features = timm.create_model("kan_vit_tiny_patch16_224", img_size=32, depth=2, num_classes=0).eval()
+    assert features(x).shape == (2, 192)
+
+
+def test_grad_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model("kan_vit_tiny_patch16_224", **SMALL, drop_path_rate=0.3).double()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    grads = []
+    for ckpt in (False, True):
+        model.set_grad_checkpointing(ckpt)
+        model.zero_grad()
+        torch.manual_seed(1)  # same drop-path draws in both runs
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_drop_path_drops_whole_samples_and_rescales():
+    """Train mode with drop path 0.5: each sample's residual branch is either 0 or scaled by 2."""
+    torch.manual_seed(0)
+    model = timm.create_model("kan_vit_tiny_patch16_224", **SMALL, drop_path_rate=0.5).double()
+    block = model.blocks[1]  # rate 0.5 (timm's linear rule ends at the given rate)
+    x = torch.randn(64, 5, 192, dtype=torch.float64)
+    block.eval()
+    branch = block.ls1(block.attn(block.norm1(x)))
+    block.train()
+    torch.manual_seed(3)
+    out = block.drop_path1(branch)
+    kept = out.flatten(1).abs().sum(1) > 0
+    assert 0 < kept.sum() < 64
+    torch.testing.assert_close(out[kept], 2 * branch[kept])
+    assert torch.all(out[~kept] == 0)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(degree=3, posemb="learnable", pooling="cls", layerscale=False),
+    dict(degree=4, posemb="sincos2d", pooling="gap", layerscale=True),
+    dict(degree=None, posemb="learnable", pooling="cls", layerscale=False),
+])
+def test_matches_numpy_reference_float64(variant):
+    """The PyTorch model computes the original's function (§2): max |dlogits| <= 1e-6 in float64."""
+    params = random_params(seed=1, layers=3, dim=16, heads=2, patch=4, grid=3, labels=5, **variant)
+    state_dict, name, model_args = flax_to_timm(params, image_size=12)
+    model = timm.create_model(name, **model_args).double().eval()
+    model.load_state_dict({k: v.double() for k, v in state_dict.items()})
+    images = np.random.default_rng(0).standard_normal((4, 3, 12, 12))
+    expected = reference_forward(params, images)
+    logits = model(torch.from_numpy(images)).detach().numpy()
+    assert np.abs(logits - expected).max() <= 1e-6
+    # train mode without dropout / drop path is the same function
+    model.train()
+    assert np.abs(model(torch.from_numpy(images)).detach().numpy() - expected).max() <= 1e-6
+
+
+def test_float32_and_bfloat16():
+    params = random_params(seed=2, layers=2, dim=16, heads=2, patch=4, grid=3, labels=5, degree=3)
+    state_dict, name, model_args = flax_to_timm(params, image_size=12)
+    model = timm.create_model(name, **model_args).eval()
+    model.load_state_dict(state_dict)
+    images = np.random.default_rng(0).standard_normal((2, 3, 12, 12))
+    expected = reference_forward(params, images)
+    out32 = model(torch.from_numpy(images).float())
+    assert out32.dtype == torch.float32
+    assert np.abs(out32.detach().numpy() - expected).max() <= 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = model(torch.from_numpy(images).float())
+    assert out16.dtype == torch.bfloat16
+    assert np.abs(out16.float().detach().numpy() - expected).max() <= 0.1 * np.abs(expected).max()
+
+
+def test_pretrained_file_overlay(tmp_path):
+    from safetensors.torch import save_file
+
+    source = timm.create_model("kan_vit_tiny_patch16_224", **SMALL, layerscale=True).eval()
+    path = tmp_path / "weights.safetensors"
+    save_file(source.state_dict(), str(path))
+    loaded = timm.create_model(
+        "kan_vit_tiny_patch16_224", **SMALL, layerscale=True,
+        pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
+
+
+def test_pretrained_file_resamples_pos_embed(tmp_path):
+    """A checkpoint from another grid loads with its position embedding resized (no class entry)."""
+    source = timm.create_model("kan_vit_tiny_patch16_224", **SMALL)
+    path = tmp_path / "weights.pth"
+    torch.save({"model": source.state_dict()}, path)  # trainer-checkpoint layout
+    loaded = timm.create_model(
+        "kan_vit_tiny_patch16_224", img_size=48, depth=2, num_classes=7,
+        pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+    )
+    assert loaded.pos_embed.shape == (1, 9, 192)
+    torch.testing.assert_close(loaded.cls_token, source.cls_token)
+
+
+def test_torch_xla_forward_backward():
+    """One forward + backward of a KAN-ViT (with gradient checkpointing) on the XLA device."""
+    import torch_xla
+
+    device = torch_xla.device()
+    torch.manual_seed(0)
+    model = timm.create_model("kan_vit_tiny_patch16_224", **SMALL, drop_path_rate=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()  # no drop path: a deterministic comparison across devices
+    model.zero_grad()
+    model(x).square().mean().backward()
+    cpu_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.to(device).eval()
+    model.set_grad_checkpointing(True)
+    model.zero_grad()
+    loss = model(x.to(device)).square().mean()
+    loss.backward()
+    torch_xla.sync()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.cpu(), cpu_grads[n], rtol=1e-3, atol=1e-5, msg=n)
+    assert math.isfinite(loss.item())
