@@ -61,12 +61,14 @@ def main() -> None:
         del params
         size = src.stat().st_size
         print(f"{args.model}: {src.name} is {size / 2**20:.1f} MiB")
-        print(f"{'direction':<34} {'main() s':>8} {'process s':>9} {'peak extra MiB':>15} {'x file size':>12}")
+        columns = ("main() s", "process s", "peak extra MiB", "x file size")
+        print(f"{'direction':<34}" + "".join(f"{c:>16}" for c in columns))
         for a, b in [("model.msgpack", "model.safetensors"), ("model.safetensors", "back.msgpack"),
                      ("model.msgpack", "model.pth")]:
             r = convert(work / a, work / b)
             extra = r["extra_kib"] * 1024
-            print(f"{a + ' -> ' + b:<34} {r['seconds']:>8.2f} {r['process']:>9.2f} {extra / 2**20:>15.1f} {extra / size:>12.2f}")
+            values = (r["seconds"], r["process"], extra / 2**20, extra / size)
+            print(f"{a + ' -> ' + b:<34}" + "".join(f"{v:>16.2f}" for v in values))
         same = (work / "back.msgpack").read_bytes() == src.read_bytes()
         print(f"round trip byte-identical: {same}")
 

@@ -192,11 +192,52 @@ def _depth(leaves: dict, pattern: str, what: str) -> int:
     return len(indices)
 
 
+def _is_square(n: int) -> bool:
+    return n >= 0 and math.isqrt(n) ** 2 == n
+
+
 def _grid(num_tokens: int, key: str) -> int:
-    grid = math.isqrt(num_tokens)
-    if grid * grid != num_tokens:
+    if not _is_square(num_tokens):
         raise ConvertError(f"{key} has {num_tokens} positions: not a square grid (plus a class token)")
-    return grid
+    return math.isqrt(num_tokens)
+
+
+# Parameters the architecture is read from, as (Flax path, timm key).
+_ARCH_KEYS = dict(
+    layers=(r"layer_(\d+)/", r"blocks\.(\d+)\."),
+    patch_kernel=("embed/wte/kernel", "patch_embed.proj.weight"),
+    patch_bias=("embed/wte/bias", "patch_embed.proj.bias"),
+    kan=("layer_0/ff/ChebyKAN_0/coefficients", "blocks.0.mlp.kan.coefficients"),
+    posemb=("embed/wpe", "pos_embed"),
+    cls=("embed/cls_token", "cls_token"),
+    layerscale=("layer_0/scale1", "blocks.0.ls1.gamma"),
+    head_bias=("head/bias", "head.bias"),
+)
+
+
+def _read_architecture(leaves: dict, side: int, what: str) -> dict:
+    """Everything but heads and image size, from either layout (side 0: Flax, 1: timm).
+
+    Only sizes both layouts share are read here; `_check_leaves` then checks every shape.
+    """
+    key = {role: keys[side] for role, keys in _ARCH_KEYS.items()}
+    dim = _shape_of(leaves, key["patch_bias"], 1, what)[0]
+    patch = math.isqrt(math.prod(_shape_of(leaves, key["patch_kernel"], 4, what)) // (3 * dim))
+    arch = dict(
+        use_kan=key["kan"] in leaves,
+        depth=_depth(leaves, key["layers"], what),
+        embed_dim=dim,
+        patch_size=patch,
+        posemb="learnable" if key["posemb"] in leaves else "sincos2d",
+        pooling="cls" if key["cls"] in leaves else "gap",
+        layerscale=key["layerscale"] in leaves,
+        num_classes=_shape_of(leaves, key["head_bias"], 1, what)[0] if key["head_bias"] in leaves else 0,
+    )
+    if arch["use_kan"]:
+        arch["polynomial_degree"] = _shape_of(leaves, key["kan"], 3, what)[2] - 1
+        if arch["polynomial_degree"] < 1:
+            raise ConvertError(f"{key['kan']} has degree 0; the original needs K >= 1")
+    return arch
 
 
 def infer_flax_architecture(params: dict, image_size: int | None = None) -> dict:
@@ -205,33 +246,17 @@ def infer_flax_architecture(params: dict, image_size: int | None = None) -> dict
         raise ConvertError("not a KAN-ViT/ViT checkpoint: the top-level key 'model' is missing")
     leaves = _flatten(params["model"])
     what = "Flax checkpoint"
-    patch, patch_w, channels, dim = _shape_of(leaves, "embed/wte/kernel", 4, what)
-    if patch != patch_w or channels != 3:
-        raise ConvertError(f"embed/wte/kernel is {(patch, patch_w, channels, dim)}, expected (P, P, 3, D)")
-    use_kan = "layer_0/ff/ChebyKAN_0/coefficients" in leaves
-    arch = dict(
-        use_kan=use_kan,
-        depth=_depth(leaves, r"layer_(\d+)/", what),
-        embed_dim=dim,
-        num_heads=_shape_of(leaves, "layer_0/attn/wq/kernel", 3, what)[1],
-        patch_size=patch,
-        posemb="learnable" if "embed/wpe" in leaves else "sincos2d",
-        pooling="cls" if "embed/cls_token" in leaves else "gap",
-        layerscale="layer_0/scale1" in leaves,
-        num_classes=_shape_of(leaves, "head/kernel", 2, what)[1] if "head/kernel" in leaves else 0,
-    )
-    if use_kan:
-        arch["polynomial_degree"] = _shape_of(leaves, "layer_0/ff/ChebyKAN_0/coefficients", 3, what)[2] - 1
-        if arch["polynomial_degree"] < 1:
-            raise ConvertError("layer_0/ff/ChebyKAN_0/coefficients has degree 0; the original needs K >= 1")
+    arch = _read_architecture(leaves, 0, what)
+    arch["num_heads"] = _shape_of(leaves, "layer_0/attn/wq/kernel", 3, what)[1]
+    patch = arch["patch_size"]
     if arch["posemb"] == "learnable":
-        wpe = _shape_of(leaves, "embed/wpe", 3, what)
-        if image_size is not None and image_size != wpe[0] * patch:
+        grid = _shape_of(leaves, "embed/wpe", 3, what)[0]
+        if image_size is not None and image_size != grid * patch:
             raise ConvertError(
-                f"the learnable position embedding fixes the image size to {wpe[0] * patch}, "
+                f"the learnable position embedding fixes the image size to {grid * patch}, "
                 f"not {image_size}; drop the image size"
             )
-        arch["img_size"] = wpe[0] * patch
+        arch["img_size"] = grid * patch
     else:
         arch["img_size"] = DEFAULT_IMAGE_SIZE if image_size is None else image_size
         if arch["img_size"] % patch:
@@ -312,35 +337,20 @@ def timm_to_flax(state_dict: dict, num_heads: int) -> dict:
     what = "PyTorch state dict"
     leaves = {k: (v.detach().cpu().float().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
               for k, v in state_dict.items()}
-    dim, channels, patch, patch_w = _shape_of(leaves, "patch_embed.proj.weight", 4, what)
-    if patch != patch_w or channels != 3:
-        raise ConvertError(f"patch_embed.proj.weight is {(dim, channels, patch, patch_w)}, expected (D, 3, P, P)")
-    if dim % num_heads:
-        raise ConvertError(f"dim {dim} is not divisible by {num_heads} heads")
-    use_kan = "blocks.0.mlp.kan.coefficients" in leaves
-    arch = dict(
-        use_kan=use_kan,
-        depth=_depth(leaves, r"blocks\.(\d+)\.", what),
-        embed_dim=dim,
-        num_heads=num_heads,
-        patch_size=patch,
-        posemb="learnable" if "pos_embed" in leaves else "sincos2d",
-        pooling="cls" if "cls_token" in leaves else "gap",
-        layerscale="blocks.0.ls1.gamma" in leaves,
-        num_classes=_shape_of(leaves, "head.weight", 2, what)[0] if "head.weight" in leaves else 0,
-        img_size=DEFAULT_IMAGE_SIZE,  # not stored by the original under sincos2d
-    )
-    if use_kan:
-        arch["polynomial_degree"] = _shape_of(leaves, "blocks.0.mlp.kan.coefficients", 3, what)[2] - 1
+    arch = _read_architecture(leaves, 1, what)
+    if arch["embed_dim"] % num_heads:
+        raise ConvertError(f"dim {arch['embed_dim']} is not divisible by {num_heads} heads")
+    arch["num_heads"] = num_heads
+    arch["img_size"] = DEFAULT_IMAGE_SIZE  # not stored by the original under sincos2d
     if arch["posemb"] == "learnable":
         tokens = _shape_of(leaves, "pos_embed", 3, what)[1]
-        if arch["pooling"] == "cls" and math.isqrt(tokens - 1) ** 2 == tokens - 1:
+        if arch["pooling"] == "cls" and not _is_square(tokens) and _is_square(tokens - 1):
             warnings.warn("folded the class token's position embedding into cls_token (the original has none)")
             pos_embed = leaves.pop("pos_embed")
             leaves["cls_token"] = leaves["cls_token"] + pos_embed[:, :1]
             leaves["pos_embed"] = pos_embed[:, 1:]
             tokens -= 1
-        arch["img_size"] = _grid(tokens, "pos_embed") * patch
+        arch["img_size"] = _grid(tokens, "pos_embed") * arch["patch_size"]
     _check_leaves(leaves, {key: shape for key, _, _, shape, _ in _mapping(arch)}, what, arch)
     flat = {}
     for key, paths, shape, _, kind in _mapping(arch):
@@ -458,7 +468,9 @@ def _flax_to_torch_file(src: Path, dst: Path, image_size: int | None, exclude_he
     print(f"Wrote {dst} and {sidecar}")
 
 
-def _torch_to_flax_file(src: str, dst: Path, num_heads: int | None, exclude_head: bool) -> None:
+def _torch_to_flax_file(
+    src: str, dst: Path, num_heads: int | None, image_size: int | None, exclude_head: bool
+) -> None:
     state_dict, known_heads = _load_torch_source(src)
     heads = num_heads or known_heads
     if heads is None:
@@ -470,7 +482,7 @@ def _torch_to_flax_file(src: str, dst: Path, num_heads: int | None, exclude_head
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     params = timm_to_flax(state_dict, heads)
     del state_dict
-    arch = infer_flax_architecture(params)
+    arch = infer_flax_architecture(params, image_size)
     print(f"Architecture: {_describe(arch)}")
     print(f"Parameters: {sum(v.size for v in _flatten(params).values()):,}")
     with _atomic_outputs(dst) as (tmp,):
@@ -516,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConvertError(f"output of a {FLAX_SUFFIX} input must end in .safetensors or .pth")
                 _flax_to_torch_file(Path(src), dst, args.image_size, args.exclude_head)
             elif dst.suffix == FLAX_SUFFIX:
-                _torch_to_flax_file(src, dst, args.num_heads, args.exclude_head)
+                _torch_to_flax_file(src, dst, args.num_heads, args.image_size, args.exclude_head)
             else:
                 raise ConvertError(
                     f"cannot tell the direction: one of IN/OUT must end in {FLAX_SUFFIX} "
