@@ -125,7 +125,8 @@ def _tar_records(url: str):
                     record[ext.lower()] = tar.extractfile(member).read()
                 member = None
     except (tarfile.TarError, OSError, EOFError) as exn:
-        warnings.warn(f"shard {url} is broken after sample {key!r}, skipping its rest: {exn}")
+        where = "a tar header" if member is None else f"member {member.name!r}"
+        warnings.warn(f"shard {url} is broken at {where}, skipping the rest of it: {exn}")
         if member is None and key is not None:  # the header broke, not a member of `record`
             yield record
         yield SKIP
