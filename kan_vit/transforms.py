@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from PIL import Image
+from timm.data import auto_augment
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
@@ -15,13 +17,29 @@ _MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
 _STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
 
 
+def _posterize(img, bits_to_keep, **kwargs):
+    # Pillow >= 12 rejects 0 bits, which timm's Posterize levels reach (rand-m9-mstd0.5 does) and older
+    # Pillow (the original's) turned into a black image.
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
 def _auto_augment(policy: str, size: int):
     hparams = dict(translate_const=int(0.45 * size), img_mean=tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN))
     if policy.startswith("rand"):
-        return rand_augment_transform(policy, hparams)
-    if policy.startswith("augmix"):
-        return augment_and_mix_transform(policy, hparams)
-    return auto_augment_transform(policy, hparams)
+        transform = rand_augment_transform(policy, hparams)
+        ops = transform.ops
+    elif policy.startswith("augmix"):
+        transform = augment_and_mix_transform(policy, hparams)
+        ops = transform.ops
+    else:
+        transform = auto_augment_transform(policy, hparams)
+        ops = [op for sub_policy in transform.policy for op in sub_policy]
+    for op in ops:
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = _posterize
+    return transform
 
 
 class Uint8RandomErasing:

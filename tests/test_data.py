@@ -14,7 +14,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from kan_vit import data
 from kan_vit.config import Config
-from kan_vit.transforms import Uint8RandomErasing, train_transform, valid_transform
+from kan_vit.transforms import Uint8RandomErasing, _auto_augment, train_transform, valid_transform
 
 SHARDS, PER_SHARD = 12, 40  # unique-label shards: label = global sample index
 
@@ -380,3 +380,15 @@ def test_train_transform_variants_give_uint8_chw(crop, policy):
     cfg.augment.random_crop = "square"
     with pytest.raises(ValueError, match="random_crop='square'"):
         train_transform(cfg)
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "augmix-m5-w3", "v0"])
+def test_posterize_to_zero_bits_gives_black_as_old_pillow(policy):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    transform = _auto_augment(policy, 16)
+    ops = getattr(transform, "ops", None) or [op for sub in transform.policy for op in sub]
+    posterize = [op for op in ops if op.name.startswith("Posterize") and op.name != "PosterizeOriginal"]
+    assert posterize
+    for op in posterize:  # the strongest level keeps 0 bits (Pillow <= 11: all pixels 0; Pillow 12+ raised)
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10 if op.name == "PosterizeIncreasing" else 0, 0
+        assert not np.asarray(op(image)).any()
