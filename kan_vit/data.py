@@ -278,6 +278,10 @@ def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0
     """Infinite iterable of (uint8 images (b, 3, S, S), float32 targets (b, labels), int64 num_skipped)
     with b = train_batch_size // world_size // grad_accum, yielding batches start_batch, start_batch + 1, ..."""
     batch_size = cfg.data.train_batch_size // world_size // cfg.optim.grad_accum
+    if batch_size < 1 or cfg.augment.augment_repeats < 1 or not cfg.model.labels:
+        raise ValueError(f"train loader needs data.train_batch_size >= world_size * optim.grad_accum "
+                         f"({cfg.data.train_batch_size} < {world_size} * {cfg.optim.grad_accum}?), "
+                         f"augment.augment_repeats >= 1 and model.labels set")
     if cfg.data.format == "imagefolder":
         dataset = ImageFolder(cfg.data.train_dataset_shards)
         items = lambda worker, n: _folder_items(dataset, cfg, world_size, rank, worker, n)  # noqa: E731
@@ -344,6 +348,8 @@ def create_valid_loader(cfg, *, world_size: int, rank: int):
     (labels != -1).sum() + sum(num_skipped) == num_samples. Shard sizes come from one read of all
     validation shards here, so every replica knows every replica's batch count."""
     batch_size = cfg.data.valid_batch_size // world_size
+    if batch_size < 1:
+        raise ValueError(f"data.valid_batch_size={cfg.data.valid_batch_size} is below world_size={world_size}")
     num_parts = max(1, cfg.data.valid_loader_workers)
     if cfg.data.format == "imagefolder":
         units, samples = ImageFolder(cfg.data.valid_dataset_shards).samples, _folder_samples

@@ -24,6 +24,10 @@ def _patterns(root: str) -> tuple[str, str]:
     return tuple(os.path.join(root, f"digits-{split}-{{0..{n - 1}}}.tar") for split, n in _SPLITS.items())
 
 
+def _shard_names() -> list[str]:
+    return [f"digits-{split}-{i}.tar" for split, n in _SPLITS.items() for i in range(n)]
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -52,6 +56,9 @@ def prepare_demo_digits(cache_dir: str | None) -> tuple[str, str]:
     parent = os.path.expanduser(cache_dir or "~/.cache/kan_vit")
     root = os.path.join(parent, "demo_digits")
     if os.path.isdir(root):  # only ever created complete, by the rename below
+        missing = [name for name in _shard_names() if not os.path.isfile(os.path.join(root, name))]
+        if missing:
+            raise ValueError(f"demo cache {root} lacks {missing[0]}: delete that directory to rebuild it")
         return _patterns(root)
     os.makedirs(parent, exist_ok=True)
     digits = load_digits()

@@ -392,3 +392,24 @@ def test_posterize_to_zero_bits_gives_black_as_old_pillow(policy):
     for op in posterize:  # the strongest level keeps 0 bits (Pillow <= 11: all pixels 0; Pillow 12+ raised)
         op.prob, op.magnitude, op.magnitude_std = 1.0, 10 if op.name == "PosterizeIncreasing" else 0, 0
         assert not np.asarray(op(image)).any()
+
+
+def test_demo_digits_concurrent_writers_and_incomplete_cache(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:  # the replicas of one host all call it at start
+        results = list(pool.map(data.prepare_demo_digits, [str(tmp_path)] * 3))
+    assert len(set(results)) == 1 and os.listdir(tmp_path) == ["demo_digits"]
+    assert sum(len(_tar_labels(p)) for p in data.expand_urls(results[0][0])) == 1437
+    os.remove(data.expand_urls(results[0][1])[1])
+    with pytest.raises(ValueError, match="delete that directory"):
+        data.prepare_demo_digits(str(tmp_path))
+
+
+def test_loader_rejects_empty_batches(unique_shards):
+    cfg = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=4, per_replica=1)
+    cfg.optim.grad_accum = 2
+    with pytest.raises(ValueError, match="train_batch_size >= world_size"):
+        data.create_train_loader(cfg, world_size=4, rank=0)
+    with pytest.raises(ValueError, match="valid_batch_size=4 is below world_size=8"):
+        data.create_valid_loader(cfg, world_size=8, rank=0)
