@@ -87,7 +87,8 @@ def check_dataset(cfg) -> None:
                              " (or use data.format=demo_digits)")
         if fmt == "imagefolder":
             if not os.path.isdir(source):
-                raise ValueError(f"{key}={source!r} is not a directory: give an ImageFolder root (one folder per class)")
+                raise ValueError(f"{key}={source!r} is not a directory: give an ImageFolder root"
+                                 " (one folder per class)")
             if not any(e.is_dir() and any(os.scandir(e.path)) for e in os.scandir(source)):
                 raise ValueError(f"{key}={source!r} has no non-empty class folders: give an ImageFolder root")
             continue
