@@ -136,6 +136,20 @@ def _tar_records(url: str):
         yield record
 
 
+def _stream_records(shards, num_urls: int):
+    """Records of a shard sequence; raises when num_urls shards in a row hold no readable sample
+    (a dataset with nothing usable, or unreachable, would otherwise hang the loader)."""
+    barren = 0
+    for url in shards:
+        count = 0
+        for record in _tar_records(url):
+            count += record is not SKIP
+            yield record
+        barren = 0 if count else barren + 1
+        if barren >= num_urls:
+            raise RuntimeError(f"{barren} shards in a row held no readable sample (last {url}): check the data")
+
+
 def _decode(record):
     """(RGB PIL image, int label), or SKIP when the sample is incomplete or undecodable."""
     if record is SKIP:
@@ -177,7 +191,7 @@ def _shard_items(urls, cfg, world_size, rank, worker, num_workers):
     k = _repeat_group(world_size, repeats)
     groups, (group, j) = world_size // k, divmod(rank, k)
     shards = itertools.islice(_shard_cycle(urls, seed), group + worker * groups, None, groups * num_workers)
-    records = itertools.chain.from_iterable(map(_tar_records, shards))
+    records = _stream_records(shards, len(urls))
     rng = random.Random(_seed(seed, 0, group, worker))
     for i, record in enumerate(wds.shuffle(_SHUFFLE_BUFFER, _SHUFFLE_INITIAL, rng=rng)(records)):
         positions = [v for v in range(i * repeats, (i + 1) * repeats) if v % k == j]
@@ -259,6 +273,8 @@ class _TrainBatches(IterableDataset):
         for item in self.items(worker, num_workers):
             if item is SKIP:
                 skipped += 1
+                if skipped > 100 * self.batch_size + 1000:
+                    raise RuntimeError(f"{skipped} samples in a row were undecodable: check the data")
                 continue
             image, label, v = item
             if t >= self.start_batch:  # batches before start_batch are only counted through, not augmented

@@ -413,3 +413,28 @@ def test_loader_rejects_empty_batches(unique_shards):
         data.create_train_loader(cfg, world_size=4, rank=0)
     with pytest.raises(ValueError, match="valid_batch_size=4 is below world_size=8"):
         data.create_valid_loader(cfg, world_size=8, rank=0)
+
+
+@pytest.mark.filterwarnings("ignore:shard")
+def test_train_stream_without_usable_samples_raises_instead_of_hanging(tmp_path):
+    _write_tar(tmp_path / "garbage.tar", sum(([(f"x{i}.jpg", b"garbage"), (f"x{i}.cls", b"0")] for i in range(20)), []))
+    cfg = _plain_cfg(str(tmp_path / "garbage.tar"), labels=2, world_size=1, per_replica=1)
+    with pytest.raises(RuntimeError, match="1101 samples in a row were undecodable"):
+        next(iter(data.create_train_loader(cfg, world_size=1, rank=0)))
+    _write_tar(tmp_path / "cut.tar", [("x0.jpg", _jpeg(np.zeros((8, 8, 3))))])
+    with open(tmp_path / "cut.tar", "r+b") as f:
+        f.truncate(600)
+    cfg.data.train_dataset_shards = str(tmp_path / "{cut,cut}.tar")
+    with pytest.raises(RuntimeError, match="2 shards in a row held no readable sample"):
+        next(iter(data.create_train_loader(cfg, world_size=1, rank=0)))
+
+
+def test_pipe_urls_read_like_local_paths(unique_shards):
+    local = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=2, per_replica=8)
+    piped = _plain_cfg("pipe:cat " + unique_shards, labels=SHARDS * PER_SHARD, world_size=2, per_replica=8)
+    data.check_dataset(piped)
+    assert _ids(data.create_train_loader(piped, world_size=2, rank=1), 4) == \
+        _ids(data.create_train_loader(local, world_size=2, rank=1), 4)
+    loader, n = data.create_valid_loader(piped, world_size=2, rank=0)
+    labels = torch.cat([b[1] for b in loader])
+    assert n == SHARDS * PER_SHARD // 2 and int((labels != -1).sum()) == n
