@@ -74,9 +74,14 @@ def _source(cfg, split: str) -> str:
 def check_dataset(cfg) -> None:
     """Raise ValueError when a split's shard pattern or folder is unset, empty or missing.
 
-    URLs are only expanded, never opened."""
+    URLs are only expanded, never opened. For demo_digits, writes the demo shards."""
     fmt = cfg.data.format
-    if fmt == "demo_digits":
+    if fmt == "demo_digits":  # written here, once, before any process starts
+        try:
+            prepare_demo_digits(cfg.data.cache_dir)
+        except OSError as exn:
+            raise ValueError(f"data.cache_dir={cfg.data.cache_dir!r}: cannot write the demo shards ({exn}):"
+                             " give a writable directory") from exn
         return
     if fmt not in ("webdataset", "imagefolder"):
         raise ValueError(f"data.format={fmt!r}: use one of webdataset, imagefolder, demo_digits")

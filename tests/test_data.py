@@ -334,6 +334,9 @@ def test_check_dataset_errors(tmp_path, unique_shards):
     cfg.data.train_dataset_shards = str(tmp_path)
     with pytest.raises(ValueError, match="no non-empty class folders"):
         data.check_dataset(cfg)
+    cfg.data.format, cfg.data.cache_dir = "demo_digits", str(tmp_path / "val-0.tar")  # a file, not a directory
+    with pytest.raises(ValueError, match="cannot write the demo shards"):
+        data.check_dataset(cfg)
     cfg.data.format = "tfrecord"
     with pytest.raises(ValueError, match="data.format='tfrecord'"):
         data.check_dataset(cfg)
