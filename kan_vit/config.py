@@ -5,8 +5,16 @@ original flag. Seeds live with what they seed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Optional
+
+import yaml
 
 
 @dataclass
@@ -88,6 +96,10 @@ class RunConfig:
     name: Optional[str] = None
     output_dir: str = "."
     wandb: str = "disabled"  # new: disabled | offline | online
+    resume: str = "auto"  # new: auto (continue from output_dir/last.pth if present) | never | PATH
+    bf16: bool = False  # new: bfloat16 autocast of forward + loss on the XLA device
+    export_flax: bool = False  # new: also write {name}-last/best.msgpack in the original's format
+    compile_cache_dir: Optional[str] = None  # new: persistent XLA compile cache (one subdir per process)
 
 
 @dataclass
@@ -98,3 +110,180 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, validation, saving. Everything is checked here, before any process spawns.
+
+SECTIONS = {f.name: f.type for f in fields(Config)}
+CHOICES = {
+    "data.format": ("webdataset", "imagefolder", "demo_digits"),
+    "augment.random_crop": ("none", "rrc", "src"),
+    "augment.criterion": ("ce", "bce"),
+    "model.posemb": ("learnable", "sincos2d"),
+    "model.pooling": ("cls", "gap"),
+    "optim.optimizer": ("adamw", "lamb"),
+    "run.wandb": ("disabled", "offline", "online"),
+}
+# Shipped recipes carry this prefix where only the user knows the value (their dataset paths).
+PLACEHOLDER = "SET-ME"
+
+
+class ConfigError(ValueError):
+    """A config problem, with a message naming the key and the fix."""
+
+
+def _section_classes() -> dict[str, type]:
+    return {f.name: type(f.default_factory()) for f in fields(Config)}
+
+
+def _closest(name: str, candidates, prefix: str = "") -> str:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.0)
+    return f"; did you mean {prefix}{match[0]}?" if match else ""
+
+
+def _coerce(key: str, value, annotation):
+    """`value` as the field's declared type (int -> float allowed); ConfigError otherwise."""
+    optional = typing.get_origin(annotation) is typing.Union and type(None) in typing.get_args(annotation)
+    base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} must be a {base.__name__}, got null")
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. a numeric run.name
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be a {base.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def from_dict(raw: dict) -> Config:
+    """A Config from nested {section: {key: value}}; unknown sections/keys and wrong types raise."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections {sorted(SECTIONS)}, got {type(raw).__name__}")
+    classes = _section_classes()
+    sections = {}
+    for section, values in raw.items():
+        if section not in classes:
+            raise ConfigError(f"unknown config section {section!r}{_closest(section, classes)}")
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping of keys, got {values!r}")
+        hints = typing.get_type_hints(classes[section])
+        for key in values:
+            if key not in hints:
+                raise ConfigError(f"unknown config key {section}.{key}{_closest(key, hints, section + '.')}")
+        sections[section] = classes[section](
+            **{key: _coerce(f"{section}.{key}", value, hints[key]) for key, value in values.items()}
+        )
+    return Config(**sections)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML: 1e-3, true, null, [1, 2])."""
+    raw = copy.deepcopy(raw)
+    for override in overrides:
+        path, sep, text = override.partition("=")
+        section, dot, key = path.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"--set expects section.key=value, got {override!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {override!r}: value is not valid YAML ({error})") from None
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        raw[section][key] = value
+    return raw
+
+
+def load(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config (missing keys take the defaults) and apply `--set` overrides."""
+    raw = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as file:
+                raw = yaml.safe_load(file) or {}
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config {path} is not valid YAML: {error}") from None
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Value and combination checks for a training run on `world_size` replicas."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value in choices, f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    d, a, m, o, s, r = cfg.data, cfg.augment, cfg.model, cfg.optim, cfg.schedule, cfg.run
+    positive = {
+        "data.train_batch_size": d.train_batch_size, "data.valid_batch_size": d.valid_batch_size,
+        "augment.augment_repeats": a.augment_repeats, "model.polynomial_degree": m.polynomial_degree,
+        "model.layers": m.layers, "model.dim": m.dim, "model.heads": m.heads,
+        "model.patch_size": m.patch_size, "model.image_size": m.image_size,
+        "optim.grad_accum": o.grad_accum, "schedule.training_steps": s.training_steps,
+        "schedule.log_interval": s.log_interval,
+    }
+    for key, value in positive.items():
+        _check(value >= 1, f"{key} must be >= 1, got {value}")
+    non_negative = {
+        "data.train_loader_workers": d.train_loader_workers, "data.valid_loader_workers": d.valid_loader_workers,
+        "augment.color_jitter": a.color_jitter, "augment.mixup": a.mixup, "augment.cutmix": a.cutmix,
+        "optim.weight_decay": o.weight_decay, "optim.clip_grad": o.clip_grad,
+        "schedule.warmup_steps": s.warmup_steps, "schedule.eval_interval": s.eval_interval,
+    }
+    for key, value in non_negative.items():
+        _check(value >= 0, f"{key} must be >= 0, got {value}")
+    unit = {
+        "augment.random_erasing": a.random_erasing, "augment.label_smoothing": a.label_smoothing,
+        "model.dropout": m.dropout, "model.droppath": m.droppath,
+        "optim.adam_b1": o.adam_b1, "optim.adam_b2": o.adam_b2,
+    }
+    for key, value in unit.items():
+        _check(0.0 <= value < 1.0, f"{key} must be in [0, 1), got {value}")
+    _check(0.0 < a.test_crop_ratio <= 1.0, f"augment.test_crop_ratio must be in (0, 1], got {a.test_crop_ratio}")
+    _check(0.0 < o.lr_decay <= 1.0, f"optim.lr_decay must be in (0, 1], got {o.lr_decay}")
+    _check(math.isfinite(o.learning_rate) and o.learning_rate > 0, f"optim.learning_rate must be > 0, got {o.learning_rate}")
+    _check(o.adam_eps > 0, f"optim.adam_eps must be > 0, got {o.adam_eps}")
+    _check(m.labels is not None and m.labels >= 2, f"model.labels must be set to the number of classes (>= 2), got {m.labels}")
+    _check(m.dim % m.heads == 0, f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})")
+    _check(m.posemb != "sincos2d" or m.dim % 4 == 0, f"model.posemb=sincos2d needs model.dim divisible by 4, got {m.dim}")
+    _check(m.image_size % m.patch_size == 0,
+           f"model.image_size ({m.image_size}) must be divisible by model.patch_size ({m.patch_size})")
+    _check(s.warmup_steps < s.training_steps,
+           f"schedule.warmup_steps ({s.warmup_steps}) must be < schedule.training_steps ({s.training_steps})")
+    per_update = world_size * o.grad_accum
+    _check(d.train_batch_size % per_update == 0,
+           f"data.train_batch_size ({d.train_batch_size}) must be divisible by replicas x optim.grad_accum "
+           f"({world_size} x {o.grad_accum} = {per_update})")
+    _check(d.valid_batch_size % world_size == 0,
+           f"data.valid_batch_size ({d.valid_batch_size}) must be divisible by the {world_size} replicas")
+    for key in ("train_dataset_shards", "valid_dataset_shards"):
+        value = getattr(d, key)
+        _check(value is None or not value.startswith(PLACEHOLDER),
+               f"data.{key} is the placeholder {value!r}: set it to your dataset, e.g. "
+               f"--set data.{key}='pipe:gsutil cat gs://BUCKET/imagenet1k-{key.split('_')[0]}-{{0000..1023}}.tar'")
+    for key in ("pretrained_ckpt", "label_mapping"):
+        value = getattr(m, key)
+        _check(value is None or os.path.isfile(value), f"model.{key} {value!r} is not a file")
+    _check(r.resume in ("auto", "never") or os.path.isfile(r.resume),
+           f"run.resume must be auto, never or an existing checkpoint file; {r.resume!r} is none of these")
+
+
+def save(cfg: Config, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        yaml.safe_dump(to_dict(cfg), file, sort_keys=False)

@@ -1,0 +1,350 @@
+"""The trainer (original-semantics §3): one process per XLA device (TPU chip) via `xmp.spawn`.
+
+Reads like PyTorch/XLA's ImageNet reference script: `train` builds everything, then runs a linear
+loop of `train_step` and, every eval_interval updates and at the end, `evaluate` + checkpoints.
+
+XLA rules, all kept in `train_step` / `evaluate` / `_normalize`:
+- uint8 images travel to the device (MpDeviceLoader) and are normalised there;
+- every scalar that changes between updates (step, lr, interval sums, the first non-finite step)
+  is a device tensor, so each update runs the same compiled graph;
+- nothing inside a step reads a device value: log values are read in `xm.add_step_closure` after
+  the step's graph ran, evaluation reads its sums once at its end, checkpoints at their boundary.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+import torch_xla
+import torch_xla.core.xla_model as xm
+import torch_xla.distributed.parallel_loader as pl
+import torch_xla.runtime as xr
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from . import checkpoint
+from .config import Config, from_dict, save as save_config, to_dict
+from .data import create_train_loader, create_valid_loader
+from .metrics_log import RunLogger
+from .optim import create_optimizer, lr_at, set_lr
+
+_logger = logging.getLogger(__name__)
+
+CONFIG_FILE, LAST, BEST = "config.yaml", "last.pth", "best.pth"
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN/inf."""
+
+
+def expected_world_size() -> int:
+    """The number of replicas `xmp.spawn` will run, without touching the XLA runtime (which must
+    not start before spawning): all chips of all hosts on TPU, CPU_NUM_DEVICES on CPU."""
+    device = xr.device_type()
+    if device == "TPU":
+        from torch_xla._internal import tpu
+
+        return tpu.num_expected_global_devices()
+    if device == "CPU":
+        return int(os.environ.get("CPU_NUM_DEVICES", "1"))
+    raise RuntimeError(f"PJRT_DEVICE={device}: this trainer supports TPU (and CPU for tests)")
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    """The configured model on the host; parameters from model.init_seed, identical on all replicas."""
+    m = cfg.model
+    torch.manual_seed(m.init_seed)
+    model = timm.create_model(
+        "kan_vit_base_patch16_224" if m.use_kan else "deit_jax_base_patch16_224",
+        num_classes=m.labels, img_size=m.image_size, patch_size=m.patch_size, embed_dim=m.dim,
+        depth=m.layers, num_heads=m.heads, use_kan=m.use_kan, polynomial_degree=m.polynomial_degree,
+        posemb=m.posemb, pooling=m.pooling, layerscale=m.layerscale, dropout=m.dropout,
+        drop_path_rate=m.droppath,
+    )
+    if m.pretrained_ckpt:
+        from .pretrained import load_pretrained
+
+        load_pretrained(model, m)
+    if m.grad_ckpt:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+@dataclass
+class TrainState:
+    """Everything an update changes. Device tensors: `step` (updates done), `loss_sum` (sum of
+    update losses since the last log), `skipped` (samples skipped since the last log),
+    `first_bad_step` (first update with a non-finite loss, -1 while none). `host_step` mirrors
+    `step` on the host, so the loop never reads the device to know where it is."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: torch.Tensor
+    loss_sum: torch.Tensor
+    skipped: torch.Tensor
+    first_bad_step: torch.Tensor
+    host_step: int = 0
+    best_acc1: float = -1.0
+    diverged_at: int = -1  # set by the log closure from first_bad_step
+
+
+def build_state(cfg: Config, device: torch.device) -> TrainState:
+    model = build_model(cfg).to(device)
+    optimizer = create_optimizer(model, cfg.optim)  # after .to(device): the optimizer holds device params
+    zero = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
+    return TrainState(model, optimizer, step=zero(torch.int64), loss_sum=zero(torch.float32),
+                      skipped=zero(torch.int64), first_bad_step=zero(torch.int64) - 1)
+
+
+def _normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float32 (x / 255 - mean) / std, on the device (the host only sends bytes)."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def _per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, criterion: str) -> torch.Tensor:
+    """`ce`: softmax cross entropy vs soft targets; `bce`: sigmoid BCE vs (targets > 0), mean over classes."""
+    logits = logits.float()
+    if criterion == "bce":
+        return F.binary_cross_entropy_with_logits(logits, (targets > 0).float(), reduction="none").mean(-1)
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    return xm.all_reduce(xm.REDUCE_SUM, tensor) if xr.world_size() > 1 else tensor
+
+
+def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunLogger | None = None) -> None:
+    """One optimizer update from optim.grad_accum micro-batches of (uint8 images, soft targets,
+    num_skipped) already on the device; ends the step's graph (torch_xla.sync)."""
+    model, optimizer, o = state.model, state.optimizer, cfg.optim
+    model.train()
+    lr = lr_at(state.step, o.learning_rate, cfg.schedule.warmup_steps, cfg.schedule.training_steps)
+    set_lr(optimizer, lr)  # a device tensor: no new graph constant per step
+    optimizer.zero_grad(set_to_none=True)
+    loss, skipped = 0.0, 0
+    for images, targets, num_skipped in micro_batches:
+        with torch.autocast("xla", dtype=torch.bfloat16, enabled=cfg.run.bf16):
+            micro_loss = _per_sample_loss(model(_normalize(images)), targets, cfg.augment.criterion).mean()
+        (micro_loss / o.grad_accum).backward()  # the update uses the mean of the micro-batch gradients
+        loss, skipped = loss + micro_loss.detach() / o.grad_accum, skipped + num_skipped
+    xm.reduce_gradients(optimizer)  # mean over replicas (no-op on one)
+    if o.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+    optimizer.step()
+
+    # Interval metrics stay on the device; the sums restart after each logged update. The
+    # restart is a torch.where on the step, so log and non-log updates share one graph.
+    restart = state.step % cfg.schedule.log_interval == 0
+    loss = _all_reduce_sum(loss) / xr.world_size()
+    skipped = _all_reduce_sum(skipped)
+    state.loss_sum = torch.where(restart, 0.0, state.loss_sum) + loss
+    state.skipped = torch.where(restart, 0, state.skipped) + skipped
+    state.first_bad_step = torch.where(
+        (state.first_bad_step < 0) & ~torch.isfinite(loss), state.step + 1, state.first_bad_step)
+    state.step = state.step + 1
+    state.host_step += 1
+    if state.host_step % cfg.schedule.log_interval == 0 or state.host_step == cfg.schedule.training_steps:
+        interval = (state.host_step - 1) % cfg.schedule.log_interval + 1
+        xm.add_step_closure(_log_train, args=(state, logger, state.host_step, interval,
+                                              state.loss_sum, lr, state.skipped, state.first_bad_step))
+    torch_xla.sync()
+
+
+def _log_train(state, logger, step, interval, loss_sum, lr, skipped, first_bad_step) -> None:
+    """Runs after the step's graph executed: reading the tensors costs a copy, not a sync."""
+    first_bad = int(first_bad_step.item())
+    if first_bad >= 0:
+        state.diverged_at = first_bad
+    if logger is not None:
+        logger.train(step, {"train/loss": loss_sum.item() / interval, "train/lr": lr.item(),
+                            "data/skipped": int(skipped.item())})
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
+    """acc1 / acc5 / loss over the validation set, each image counted once across replicas
+    (padding has label -1). Sums stay on the device until one read at the end."""
+    model.eval()
+    sums = None
+    for images, labels, num_skipped in loader:
+        with torch.autocast("xla", dtype=torch.bfloat16, enabled=cfg.run.bf16):
+            logits = model(_normalize(images))
+        valid = labels >= 0
+        target = labels.clamp(min=0)
+        one_hot = F.one_hot(target, cfg.model.labels).float()
+        loss = _per_sample_loss(logits, one_hot, cfg.augment.criterion)
+        top = logits.topk(min(5, cfg.model.labels), dim=-1).indices == target[:, None]
+        batch = torch.stack([torch.where(valid, loss, 0.0).sum(), (top[:, 0] & valid).sum().float(),
+                             (top.any(-1) & valid).sum().float(), valid.sum().float(), num_skipped.float()])
+        sums = batch if sums is None else sums + batch
+        torch_xla.sync()
+    loss_sum, correct1, correct5, count, skipped = _all_reduce_sum(sums).cpu().double().tolist()
+    return {"val/loss": loss_sum / count, "val/acc1": correct1 / count, "val/acc5": correct5 / count,
+            "val/skipped": int(skipped)}
+
+
+# --- Checkpoints and resume --------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    """This replica's RNG states: XLA device (dropout/droppath), torch CPU, numpy, python."""
+    np_state = np.random.get_state()
+    return {"xla": int(xm.get_rng_state()), "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    xm.set_rng_state(state["xla"])
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(_as_tuples(state["python"]))
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _seed_replica(cfg: Config, rank: int) -> None:
+    """model.dropout_seed + replica index for dropout/droppath (the original's per-process seed)."""
+    seed = cfg.model.dropout_seed + rank
+    xm.set_rng_state(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _checkpoint(state: TrainState, cfg: Config, metrics: dict, rng: dict) -> dict:
+    """A weights_only-loadable checkpoint; every replica's `rng` state is gathered (collective)."""
+    rng = xm.mesh_reduce("rng_states", rng, list)
+    return {
+        "model": checkpoint.to_cpu(state.model.state_dict()),
+        "optimizer": checkpoint.to_cpu(state.optimizer.state_dict()),
+        "step": state.host_step,
+        "train_batch": state.host_step * cfg.optim.grad_accum,  # the data stream position per replica
+        "meters": checkpoint.to_cpu({"loss_sum": state.loss_sum, "skipped": state.skipped}),
+        "rng": rng,
+        "best_acc1": state.best_acc1,
+        "metrics": metrics,
+        "config": to_dict(cfg),
+    }
+
+
+def _restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.host_step, state.best_acc1 = ckpt["step"], ckpt["best_acc1"]
+    state.step = torch.tensor(ckpt["step"], dtype=torch.int64, device=device)
+    state.loss_sum = ckpt["meters"]["loss_sum"].to(device)
+    state.skipped = ckpt["meters"]["skipped"].to(device)
+    if len(ckpt["rng"]) != xr.world_size():
+        raise ValueError(f"the checkpoint was written by {len(ckpt['rng'])} replicas, this run has "
+                         f"{xr.world_size()}: resume with the same number of devices, or set run.resume=never")
+    _set_rng_state(ckpt["rng"][xr.global_ordinal()])
+
+
+def resume_path(cfg: Config) -> str | None:
+    """run.resume: auto -> output_dir/last.pth when it exists; never -> None; else the given file."""
+    if cfg.run.resume == "never":
+        return None
+    if cfg.run.resume == "auto":
+        path = os.path.join(cfg.run.output_dir, LAST)
+        return path if os.path.exists(path) else None
+    return cfg.run.resume
+
+
+# --- The loop ----------------------------------------------------------------------------------
+
+def train(cfg: Config) -> dict:
+    """Train on this process's XLA device; returns the last evaluation's metrics."""
+    device = torch_xla.device()
+    world_size, rank = xr.world_size(), xr.global_ordinal()
+    master = rank == 0  # the global master: the only writer of files in output_dir
+    if master:
+        save_config(cfg, os.path.join(cfg.run.output_dir, CONFIG_FILE))
+
+    state = build_state(cfg, device)
+    _seed_replica(cfg, rank)
+    path = resume_path(cfg)
+    if path is not None:
+        _restore(state, checkpoint.load(path), device)
+    logger = RunLogger(cfg, master, start_step=state.host_step)
+    if path is not None:
+        logger.info(f"resuming from {path} at step {state.host_step}")
+
+    train_loader = pl.MpDeviceLoader(_LazyStart(create_train_loader(
+        cfg, world_size=world_size, rank=rank, start_batch=state.host_step * cfg.optim.grad_accum)), device)
+    valid_data, _ = create_valid_loader(cfg, world_size=world_size, rank=rank)
+    valid_loader = pl.MpDeviceLoader(_LazyStart(valid_data), device)
+    batches = iter(train_loader)
+    s = cfg.schedule
+    metrics = {}
+    while state.host_step < s.training_steps:
+        try:
+            micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
+        except StopIteration:  # the stream is infinite: it ended only because its thread failed
+            raise RuntimeError("the training data loader failed; its error is printed above") from None
+        train_step(state, micro_batches, cfg, logger)
+        if state.diverged_at >= 0:
+            raise DivergenceError(_diverged_message(state.diverged_at, cfg))
+        at_end = state.host_step == s.training_steps
+        if not (at_end or (s.eval_interval and state.host_step % s.eval_interval == 0)):
+            continue
+        first_bad = int(state.first_bad_step.item())  # a boundary sync: never checkpoint a diverged model
+        if first_bad >= 0:
+            raise DivergenceError(_diverged_message(first_bad, cfg))
+        metrics = evaluate(state.model, valid_loader, cfg)
+        logger.eval(state.host_step, metrics)
+        # Evaluate before writing `last` (the original writes it first): every checkpoint then
+        # includes its evaluation, so a resumed run repeats exactly what an uninterrupted one does.
+        improved = metrics["val/acc1"] > state.best_acc1
+        state.best_acc1 = max(state.best_acc1, metrics["val/acc1"])
+        rng = _rng_state()
+        ckpt = _checkpoint(state, cfg, metrics, rng)
+        if master:
+            if improved:
+                checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, BEST))
+            checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, LAST))
+            # EXPORT HOOK (lead): run.export_flax -> write {name}-best/last.msgpack here.
+        _set_rng_state(rng)  # continue from exactly the state a resumed run restores
+    logger.close()
+    return metrics
+
+
+class _LazyStart:
+    """Re-iterable wrapper whose iterator starts lazily: MpDeviceLoader's thread creates the
+    iterator outside its try/finally, so an error there (e.g. a worker that cannot start) would
+    leave the training loop waiting forever instead of ending the stream."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        yield from self.loader
+
+
+def _diverged_message(step: int, cfg: Config) -> str:
+    return (f"the training loss is not finite at step {step}; stopping. The last checkpoint in "
+            f"{cfg.run.output_dir} (if any) is from before it and untouched: lower optim.learning_rate "
+            "or raise schedule.warmup_steps / set optim.clip_grad, then rerun to resume")
+
+
+def _mp_fn(index: int, cfg_dict: dict) -> None:
+    cfg = from_dict(cfg_dict)
+    if cfg.run.compile_cache_dir:  # before any computation; one directory per process
+        xr.initialize_cache(os.path.join(cfg.run.compile_cache_dir, str(index)))
+    train(cfg)
+
+
+def launch(cfg: Config) -> None:
+    """One process per device on this host (xmp.spawn); the config travels as a plain dict."""
+    import torch_xla.distributed.xla_multiprocessing as xmp
+
+    xmp.spawn(_mp_fn, args=(to_dict(cfg),))

@@ -1,0 +1,46 @@
+"""Train KAN-ViT / DeiT on every XLA device of this host (run it on every host of a TPU pod).
+
+    python launch/train_tpu.py --config configs/kan_s16.yaml [--set section.key=value ...]
+
+The whole config (keys, values, combinations, datasets) is checked before any process starts;
+a problem prints one line and exits with status 2. Rerunning the same command resumes from
+run.output_dir/last.pth (run.resume: auto | never | PATH).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+from kan_vit.config import ConfigError, load, to_dict, validate
+from kan_vit.data import check_dataset
+from kan_vit.train import expected_world_size, launch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (sections data, augment, model, optim, schedule, run)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one key; the value is parsed as YAML; repeatable")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load(args.config, args.set)
+        validate(cfg, expected_world_size())
+        check_dataset(cfg)
+    except (ConfigError, ValueError) as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
+    launch(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
