@@ -441,3 +441,19 @@ def test_pipe_urls_read_like_local_paths(unique_shards):
     loader, n = data.create_valid_loader(piped, world_size=2, rank=0)
     labels = torch.cat([b[1] for b in loader])
     assert n == SHARDS * PER_SHARD // 2 and int((labels != -1).sum()) == n
+
+
+def test_imagefolder_resume_is_bit_exact(tmp_path):
+    rng = np.random.default_rng(1)
+    for cls in ("a", "b", "c"):
+        os.makedirs(tmp_path / cls)
+        for i in range(5):
+            (tmp_path / cls / f"{i}.jpg").write_bytes(_jpeg(rng.integers(0, 256, (12, 12, 3))))
+    cfg = Config()
+    cfg.data.format = "imagefolder"
+    cfg.data.train_dataset_shards, cfg.data.train_batch_size, cfg.data.train_loader_workers = str(tmp_path), 8, 2
+    cfg.model.image_size, cfg.model.labels, cfg.augment.augment_repeats = 12, 3, 2
+    full = [b for _, b in zip(range(7), data.create_train_loader(cfg, world_size=2, rank=1))]
+    resumed = [b for _, b in zip(range(2), data.create_train_loader(cfg, world_size=2, rank=1, start_batch=5))]
+    for want, got in zip(full[5:], resumed):
+        assert all(torch.equal(w, g) for w, g in zip(want, got))
