@@ -398,27 +398,33 @@ def _load_torch_source(source: str) -> tuple[dict, int | None]:
         model = timm.create_model(source, pretrained=True)
         _check_timm_semantics(model, source)
         return model.state_dict(), model.blocks[0].attn.num_heads
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state_dict = load_file(path)
-    else:
-        try:
+            state_dict = load_file(path)
+        else:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
-            raise ConvertError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-        if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
-            state_dict = state_dict["model"]  # trainer checkpoint
+    except Exception as e:  # safetensors and torch raise many kinds for a file that is not theirs
+        raise ConvertError(
+            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    heads = None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
+        # trainer checkpoint (kan_vit.train): weights under "model", the run's config under "config"
+        heads = state_dict.get("config", {}).get("model", {}).get("heads")
+        state_dict = state_dict["model"]
     if not isinstance(state_dict, dict):
         raise ConvertError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
     sidecar = path.with_suffix(".json")
-    heads = None
-    if sidecar.exists():
-        import timm
-
-        meta = json.loads(sidecar.read_text())
-        with torch.device("meta"):
-            heads = timm.create_model(meta["model"], **meta.get("model_args", {})).blocks[0].attn.num_heads
+    if heads is None and sidecar.exists():
+        try:
+            meta = json.loads(sidecar.read_text())
+            with torch.device("meta"):
+                model = timm.create_model(meta["model"], **meta.get("model_args", {}))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ConvertError(f"{sidecar}: not a sidecar written by kan-vit-convert ({e})") from None
+        heads = model.blocks[0].attn.num_heads
     return state_dict, heads
 
 

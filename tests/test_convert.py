@@ -205,6 +205,10 @@ def test_timm_vit_folds_class_position_embedding(tmp_path, capsys):
     assert "folded the class token's position embedding" in capsys.readouterr().err
     params = serialization.msgpack_restore(out.read_bytes())
     assert params["model"]["embed"]["wpe"].shape == (3, 3, 16)
+    # a trainer checkpoint records its config, which gives the heads
+    torch.save({"model": model.state_dict(), "config": {"model": {"heads": 2}}}, src)
+    assert main([str(src), str(tmp_path / "cfg.msgpack")]) == 0
+    assert (tmp_path / "cfg.msgpack").read_bytes() == out.read_bytes()
     expected = model(torch.from_numpy(_images())).detach().numpy()
     assert np.abs(reference_forward(params, _images()) - expected).max() <= 1e-6
 
@@ -258,6 +262,15 @@ def test_bad_flax_input(make, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.msgpack"]
+
+
+@pytest.mark.parametrize("name", ["junk.safetensors", "junk.pth"])
+def test_bad_torch_input(name, tmp_path, capsys):
+    (tmp_path / name).write_bytes(b"not a checkpoint at all")
+    assert main([str(tmp_path / name), str(tmp_path / "out.msgpack")]) != 0
+    err = capsys.readouterr().err
+    assert "not a PyTorch checkpoint" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
 def test_unwritable_output_and_bad_suffix(tmp_path, capsys):
