@@ -74,11 +74,22 @@ def map_head(state_dict: dict, model: torch.nn.Module, src: list[int], dst: list
     return {**state_dict, "head.weight": weight, "head.bias": bias}
 
 
-def load_pretrained(model: torch.nn.Module, model_cfg) -> None:
-    """Initialise `model` from `model_cfg.pretrained_ckpt` (+ `model_cfg.label_mapping`)."""
-    state_dict = read_state_dict(model_cfg.pretrained_ckpt)
-    if model_cfg.label_mapping:
-        state_dict = map_head(state_dict, model, *read_label_mapping(model_cfg.label_mapping))
+def load_weights(model: torch.nn.Module, path: str | Path, *, label_mapping: str | None = None,
+                 new_head: bool = True) -> None:
+    """Load a checkpoint file into `model` (strict, after adapting pos_embed and head).
+
+    `new_head=False` (evaluation) refuses a checkpoint whose head does not fit instead of
+    re-initialising it.
+    """
+    state_dict = read_state_dict(path)
+    if label_mapping:
+        state_dict = map_head(state_dict, model, *read_label_mapping(label_mapping))
+    elif not new_head:
+        head = {f"head.{k}": tuple(v.shape) for k, v in model.head.named_parameters()}
+        found = {k: tuple(state_dict[k].shape) for k in head if k in state_dict}
+        if found != head:
+            raise ValueError(f"checkpoint {path} has head {found or 'none'}, the configured model needs "
+                             f"{head or 'none'}: set model.labels to the checkpoint's class count")
     state_dict = checkpoint_filter_fn(state_dict, model)
     expected = model.state_dict()
     missing = sorted(expected.keys() - state_dict.keys())
@@ -89,10 +100,15 @@ def load_pretrained(model: torch.nn.Module, model_cfg) -> None:
     ]
     if missing or unexpected or mismatched:
         raise ValueError(
-            f"checkpoint {model_cfg.pretrained_ckpt} does not fit the configured model "
+            f"checkpoint {path} does not fit the configured model "
             f"(missing {missing[:4]}, unexpected {unexpected[:4]}, shapes {mismatched[:4]}); "
             "make model.* (layers, dim, heads, use_kan, polynomial_degree, posemb, pooling, "
             "layerscale, patch_size) match the checkpoint"
         )
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()})
-    _logger.info("initialised from %s", model_cfg.pretrained_ckpt)
+    _logger.info("loaded weights from %s", path)
+
+
+def load_pretrained(model: torch.nn.Module, model_cfg) -> None:
+    """Initialise `model` from `model_cfg.pretrained_ckpt` (+ `model_cfg.label_mapping`)."""
+    load_weights(model, model_cfg.pretrained_ckpt, label_mapping=model_cfg.label_mapping)

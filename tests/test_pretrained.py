@@ -108,3 +108,14 @@ def test_bad_label_mapping(msgpack_ckpt, tmp_path, content, match):
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="model.pretrained_ckpt"):
         load_pretrained(fine_tune_model(), ModelConfig(pretrained_ckpt="/nonexistent/x.msgpack"))
+
+
+def test_evaluation_needs_the_checkpoint_head(msgpack_ckpt):
+    from kan_vit.pretrained import load_weights
+
+    params, path = msgpack_ckpt
+    with pytest.raises(ValueError, match="set model.labels"):
+        load_weights(fine_tune_model(), path, new_head=False)  # 7 classes, the checkpoint has 5
+    model = timm.create_model("kan_vit_tiny_patch16_224", **{**MODEL_ARGS, "num_classes": 5, "img_size": 12})
+    load_weights(model, path, new_head=False)
+    np.testing.assert_array_equal(model.head.weight.detach().numpy(), params["model"]["head"]["kernel"].T)
