@@ -150,6 +150,11 @@ def _coerce(key: str, value, annotation):
         if optional:
             return None
         raise ConfigError(f"{key} must be a {base.__name__}, got null")
+    if base is float and isinstance(value, str):
+        try:
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+        except ValueError:
+            pass
     if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -158,13 +158,14 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
 
 
 def _log_train(state, logger, step, interval, loss_sum, lr, skipped, first_bad_step) -> None:
-    """Runs after the step's graph executed: reading the tensors costs a copy, not a sync."""
-    first_bad = int(first_bad_step.item())
+    """Runs after the step's graph executed: reading the tensors is a copy, not a sync (.cpu()
+    rather than .item(), which torch_xla runs as an aten fallback)."""
+    first_bad = int(first_bad_step.cpu())
     if first_bad >= 0:
         state.diverged_at = first_bad
     if logger is not None:
-        logger.train(step, {"train/loss": loss_sum.item() / interval, "train/lr": lr.item(),
-                            "data/skipped": int(skipped.item())})
+        logger.train(step, {"train/loss": float(loss_sum.cpu()) / interval, "train/lr": float(lr.cpu()),
+                            "data/skipped": int(skipped.cpu())})
 
 
 @torch.no_grad()
@@ -297,7 +298,7 @@ def train(cfg: Config) -> dict:
         at_end = state.host_step == s.training_steps
         if not (at_end or (s.eval_interval and state.host_step % s.eval_interval == 0)):
             continue
-        first_bad = int(state.first_bad_step.item())  # a boundary sync: never checkpoint a diverged model
+        first_bad = int(state.first_bad_step.cpu())  # a boundary sync: never checkpoint a diverged model
         if first_bad >= 0:
             raise DivergenceError(_diverged_message(first_bad, cfg))
         metrics = evaluate(state.model, valid_loader, cfg)

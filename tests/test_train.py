@@ -1,0 +1,233 @@
+"""The trainer on CPU PJRT (the same torch_xla code as on TPU): graph stability, gradient
+accumulation, data-parallel equivalence under SPMD, and a short real run of the demo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch_xla
+import torch_xla.debug.metrics as met
+import torch_xla.distributed.parallel_loader as pl
+
+from kan_vit import checkpoint, train
+from kan_vit.config import load, to_dict
+from kan_vit.data import create_train_loader, create_valid_loader
+from kan_vit.metrics_log import RunLogger, read_metrics
+from kan_vit.optim import lr_at
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")
+LAUNCH = os.path.join(ROOT, "launch", "train_tpu.py")
+
+
+def tiny_overrides(output_dir) -> list[str]:
+    """The demo data with a one-layer KAN-ViT, mixup and cutmix both on, 2 micro-batches per update."""
+    return [
+        "data.train_batch_size=16", "data.valid_batch_size=120", "data.train_loader_workers=0",
+        "data.valid_loader_workers=0", "augment.random_crop=rrc", "augment.mixup=0.8", "augment.cutmix=1.0",
+        "model.layers=1", "model.dim=32", "model.heads=2", "model.polynomial_degree=3", "model.droppath=0.1",
+        "optim.grad_accum=2", "optim.clip_grad=1.0", "schedule.warmup_steps=3", "schedule.training_steps=20",
+        "schedule.log_interval=3", "schedule.eval_interval=0", f"run.output_dir={output_dir}",
+    ]
+
+
+def test_no_recompilation_or_cpu_fallback_after_the_first_steps(tmp_path):
+    cfg = load(DEMO, tiny_overrides(tmp_path))
+    device = torch_xla.device()
+    state = train.build_state(cfg, device)
+    logger = RunLogger(cfg, master=True, start_step=0)
+    batches = iter(pl.MpDeviceLoader(create_train_loader(cfg, world_size=1, rank=0), device))
+    valid = pl.MpDeviceLoader(create_valid_loader(cfg, world_size=1, rank=0)[0], device)
+
+    def update():
+        train.train_step(state, [next(batches) for _ in range(cfg.optim.grad_accum)], cfg, logger)
+
+    update(), update()
+    train.evaluate(state.model, valid, cfg)
+    met.clear_all()
+    for _ in range(10):  # lr changes every update; log steps 3, 6, 9, 12; mixup/cutmix drawn per batch
+        update()
+    second = train.evaluate(state.model, valid, cfg)
+    compiles = met.metric_data("CompileTime")
+    assert compiles is None or compiles[0] == 0, "an update or evaluation compiled a new graph"
+    assert [name for name in met.counter_names() if name.startswith("aten::")] == []
+    assert 0.0 <= second["val/acc1"] <= 1.0 and np.isfinite(second["val/loss"])
+
+    records = read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [3, 6, 9, 12]
+    for record in records:  # the lr of the logged update, from the schedule's closed form
+        assert record["train/lr"] == pytest.approx(lr_at(record["step"] - 1, 1e-3 * 3, 3, 20), rel=1e-5)
+        assert np.isfinite(record["train/loss"]) and record["data/skipped"] == 0
+
+
+def _fixed_batch(n, labels, size, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
+    hard = torch.randint(0, labels, (n,), generator=gen)
+    targets = torch.nn.functional.one_hot(hard, labels).float() * 0.9 + 0.01
+    return images, targets, hard
+
+
+def _deterministic_cfg(tmp_path, accum):
+    return load(DEMO, tiny_overrides(tmp_path) + [f"optim.grad_accum={accum}", "model.droppath=0.0",
+                                                 "data.train_batch_size=16"])
+
+
+def test_grad_accumulation_averages_micro_batches_into_one_update(tmp_path):
+    """Two micro-batches of 8 give the same update as one batch of 16 (mean loss, same gradient)."""
+    device = torch_xla.device()
+    images, targets, _ = _fixed_batch(16, 10, 32)
+    zero = torch.zeros((), dtype=torch.int64)
+    params = []
+    for accum in (1, 2):
+        cfg = _deterministic_cfg(tmp_path, accum)
+        state = train.build_state(cfg, device)
+        chunks = zip(images.chunk(accum), targets.chunk(accum))
+        micro = [(i.to(device), t.to(device), zero.to(device)) for i, t in chunks]
+        for _ in range(2):
+            train.train_step(state, micro, cfg)
+        params.append({k: v.cpu() for k, v in state.model.state_dict().items()})
+    for key in params[0]:
+        torch.testing.assert_close(params[1][key], params[0][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+SPMD_SCRIPT = r"""
+import json, sys
+import numpy as np, torch
+import torch_xla, torch_xla.runtime as xr, torch_xla.distributed.spmd as xs
+xr.use_spmd()
+from kan_vit import train
+from kan_vit.config import from_dict
+cfg = from_dict(json.loads(sys.argv[1]))
+data = torch.load(sys.argv[2])
+device = torch_xla.device()
+mesh = xs.Mesh(np.arange(xr.global_runtime_device_count()), (xr.global_runtime_device_count(),), ("batch",))
+def shard(t):
+    t = t.to(device)
+    xs.mark_sharding(t, mesh, ("batch",) + (None,) * (t.ndim - 1))
+    return t
+state = train.build_state(cfg, device)
+zero = torch.zeros((), dtype=torch.int64, device=device)
+for _ in range(2):
+    train.train_step(state, [(shard(data["images"]), shard(data["targets"]), zero)], cfg)
+metrics = train.evaluate(state.model, [(shard(data["images"]), shard(data["labels"]), zero)], cfg)
+torch.save({"params": {k: v.cpu() for k, v in state.model.state_dict().items()}, "metrics": metrics,
+            "devices": xr.global_runtime_device_count(), "loss": state.loss_sum.cpu()}, sys.argv[3])
+"""
+
+
+def test_data_parallel_over_4_devices_matches_one_device(tmp_path):
+    """The same train_step/evaluate with the batch split over 4 (virtual CPU) devices under SPMD
+    gives the full-batch result: gradients and metrics are averaged over the replicas' shards."""
+    cfg = _deterministic_cfg(tmp_path, 1)
+    images, targets, labels = _fixed_batch(16, 10, 32, seed=1)
+    labels[-3:] = -1  # evaluation padding must be excluded on every shard
+    torch.save({"images": images, "targets": targets, "labels": labels}, tmp_path / "batch.pt")
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
+    subprocess.run([sys.executable, "-c", SPMD_SCRIPT, json.dumps(to_dict(cfg)), str(tmp_path / "batch.pt"),
+                    str(tmp_path / "spmd.pt")], check=True, env=env, timeout=300)
+    spmd = torch.load(tmp_path / "spmd.pt")
+    assert spmd["devices"] == 4
+
+    device = torch_xla.device()
+    state = train.build_state(cfg, device)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    for _ in range(2):
+        train.train_step(state, [(images.to(device), targets.to(device), zero)], cfg)
+    metrics = train.evaluate(state.model, [(images.to(device), labels.to(device), zero)], cfg)
+    for key, value in state.model.state_dict().items():
+        torch.testing.assert_close(spmd["params"][key], value.cpu(), rtol=1e-4, atol=1e-5, msg=key)
+    torch.testing.assert_close(spmd["loss"], state.loss_sum.cpu(), rtol=1e-5, atol=1e-6)
+    for key in ("val/acc1", "val/acc5", "val/loss"):
+        assert spmd["metrics"][key] == pytest.approx(metrics[key], rel=1e-5, abs=1e-6), key
+    # 13 valid images: the accuracy is a count over exactly them
+    assert round(metrics["val/acc1"] * 13) == pytest.approx(metrics["val/acc1"] * 13, abs=1e-6)
+
+
+def test_demo_short_run_learns_and_writes_its_files(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, LAUNCH, "--config", DEMO, "--set", f"run.output_dir={out}",
+         "--set", "schedule.training_steps=60", "--set", "schedule.eval_interval=30",
+         "--set", "schedule.log_interval=10", "--set", "data.train_loader_workers=0",
+         "--set", "data.valid_loader_workers=0"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PJRT_DEVICE="CPU"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(str(out / "metrics.jsonl"))
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.1
+    evals = [r for r in records if "val/acc1" in r]
+    assert [r["step"] for r in evals] == [30, 60]
+    assert evals[-1]["val/acc1"] > 0.2  # chance is 0.1
+    assert load(str(out / "config.yaml")) == load(DEMO, [f"run.output_dir={out}", "schedule.training_steps=60",
+                                                         "schedule.eval_interval=30", "schedule.log_interval=10",
+                                                         "data.train_loader_workers=0", "data.valid_loader_workers=0"])
+    last = torch.load(out / "last.pth", weights_only=True)  # what timm's loader does
+    assert last["step"] == 60 and last["metrics"]["val/acc1"] == evals[-1]["val/acc1"]
+    model = train.build_model(load(str(out / "config.yaml")))
+    model.load_state_dict(last["model"])
+    assert checkpoint.load(str(out / "best.pth"))["best_acc1"] == max(r["val/acc1"] for r in evals)
+
+
+def _launch_cmd(out, *extra):
+    sets = tiny_overrides(out) + ["schedule.training_steps=40", "schedule.eval_interval=8",
+                                  "schedule.log_interval=4", *extra]
+    return [sys.executable, LAUNCH, "--config", DEMO] + [arg for s in sets for arg in ("--set", s)]
+
+
+def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path):
+    env = dict(os.environ, PJRT_DEVICE="CPU")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run(_launch_cmd(whole), check=True, env=env, timeout=300, capture_output=True)
+
+    # Kill the whole process tree (launcher + spawned trainer) as soon as the first checkpoint exists.
+    proc = subprocess.Popen(_launch_cmd(broken), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (broken / "last.pth").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = checkpoint.load(str(broken / "last.pth"))["step"]
+    assert killed_at < 40, "the kill came too late to test anything"
+
+    rerun = subprocess.run(_launch_cmd(broken), env=env, timeout=300, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from {broken / 'last.pth'} at step {killed_at}" in rerun.stdout + rerun.stderr
+
+    a, b = checkpoint.load(str(whole / "last.pth")), checkpoint.load(str(broken / "last.pth"))
+    assert a["step"] == b["step"] == 40
+    for key, value in a["model"].items():
+        assert (value - b["model"][key]).abs().max().item() <= 1e-6, key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (pa[key] - pb[key]).abs().max().item() <= 1e-6
+    ma, mb = read_metrics(str(whole / "metrics.jsonl")), read_metrics(str(broken / "metrics.jsonl"))
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    for ra, rb in zip(ma, mb):
+        for key, value in ra.items():
+            if not key.startswith("perf/"):
+                assert rb[key] == pytest.approx(value, abs=1e-6), (ra["step"], key)
+
+
+def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """From update 10 (0-based index 9) the lr is inf: update 10's loss is still finite, the
+    parameters it writes are not, so update 11 is the first with a non-finite loss."""
+    cfg = load(DEMO, tiny_overrides(tmp_path) + ["schedule.training_steps=40", "schedule.eval_interval=8",
+                                                 "schedule.log_interval=4"])
+    schedule = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, *a: torch.where(step >= 9, float("inf"), schedule(step, *a)))
+    with pytest.raises(train.DivergenceError, match=r"not finite at step 11; stopping"):
+        train.train(cfg)
+    last = checkpoint.load(str(tmp_path / "last.pth"))
+    assert last["step"] == 8
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "val/acc1" in r] == [8]
