@@ -196,13 +196,13 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
 def _rng_state() -> dict:
     """This replica's RNG states: XLA device (dropout/droppath), torch CPU, numpy, python."""
     np_state = np.random.get_state()
-    return {"xla": int(xm.get_rng_state()), "torch": torch.get_rng_state(),
+    return {"xla": int(xm.get_rng_state(torch_xla.device())), "torch": torch.get_rng_state(),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "python": random.getstate()}
 
 
 def _set_rng_state(state: dict) -> None:
-    xm.set_rng_state(state["xla"])
+    xm.set_rng_state(state["xla"], torch_xla.device())
     torch.set_rng_state(state["torch"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
@@ -216,7 +216,7 @@ def _as_tuples(value):
 def _seed_replica(cfg: Config, rank: int) -> None:
     """model.dropout_seed + replica index for dropout/droppath (the original's per-process seed)."""
     seed = cfg.model.dropout_seed + rank
-    xm.set_rng_state(seed)
+    xm.set_rng_state(seed, torch_xla.device())
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)

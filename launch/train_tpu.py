@@ -16,7 +16,7 @@ import yaml
 
 from kan_vit.config import ConfigError, load, to_dict, validate
 from kan_vit.data import check_dataset
-from kan_vit.train import expected_world_size, launch
+from kan_vit.train import DivergenceError, expected_world_size, launch
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,7 +38,11 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(cfg.run.output_dir, exist_ok=True)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
-    launch(cfg)
+    try:
+        launch(cfg)
+    except DivergenceError as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -176,7 +176,7 @@ def test_demo_short_run_learns_and_writes_its_files(tmp_path):
 
 def _launch_cmd(out, *extra):
     sets = tiny_overrides(out) + ["schedule.training_steps=40", "schedule.eval_interval=8",
-                                  "schedule.log_interval=4", *extra]
+                                  "schedule.log_interval=4", "model.layers=2", "model.dropout=0.1", *extra]
     return [sys.executable, LAUNCH, "--config", DEMO] + [arg for s in sets for arg in ("--set", s)]
 
 
