@@ -31,63 +31,85 @@ def cheby_kan_reference(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Te
     return torch.einsum("...ik,iok->...o", basis, coefficients)
 
 
-def _basis_t1_to_tk(t: torch.Tensor, degree: int) -> torch.Tensor:
-    """T_1..T_K of `t` (N, D), stacked to (N, K * D) in k-major order (one GEMM operand)."""
-    polys = [t]
+def _chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
+    """T_1..T_K of `t` (N, D), written into one (N, K * D) k-major buffer (the GEMM operand).
+
+    Each T_k is two element-wise passes (mul into its slice, subtract in place): no temporaries,
+    no concatenation. Slice writes are plain views on CPU/CUDA and become one fused graph on XLA.
+    """
+    n, d = t.shape
+    basis = t.new_empty(n, degree * d)
+    polys = [basis[:, k * d : (k + 1) * d] for k in range(degree)]
+    polys[0].copy_(t)
     if degree >= 2:
-        polys.append(2 * t * t - 1)
-    for _ in range(3, degree + 1):
-        polys.append(2 * t * polys[-1] - polys[-2])
-    return torch.cat(polys, dim=1)
+        two_t = t + t
+        torch.mul(two_t, t, out=polys[1]).sub_(1)
+        for k in range(2, degree):
+            torch.mul(two_t, polys[k - 1], out=polys[k]).sub_(polys[k - 2])
+    return basis
 
 
-def _gemm_weight(coefficients: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """C[:, :, 1:] as a (K * in, out) matrix whose rows match `_basis_t1_to_tk`'s columns."""
+def _gemm_weight(coefficients: torch.Tensor, dtype: torch.dtype, scale_by_degree: bool = False):
+    """C[:, :, 1:] as a (K * in, out) matrix whose rows match `_chebyshev_basis`'s columns.
+
+    `scale_by_degree` multiplies row block k by k: backward then gets k * dL/dT_k from one GEMM.
+    """
     d_in, d_out, k1 = coefficients.shape
-    return coefficients[:, :, 1:].permute(2, 0, 1).reshape((k1 - 1) * d_in, d_out).to(dtype)
+    weight = coefficients[:, :, 1:]
+    if scale_by_degree:
+        weight = weight * torch.arange(1, k1, dtype=weight.dtype, device=weight.device)
+    return weight.permute(2, 0, 1).reshape((k1 - 1) * d_in, d_out).to(dtype)
 
 
 class _ChebyKANFunction(torch.autograd.Function):
-    """Saves only x; recomputes the basis in backward (memory: in floats per token)."""
+    """Saves only t = tanh(x) (in floats per token); recomputes the basis in backward."""
 
     @staticmethod
     def forward(ctx, x, coefficients, compute_dtype):
         d_in, d_out, k1 = coefficients.shape
         basis_dtype = torch.promote_types(x.dtype, torch.float32)  # basis always >= fp32
         t = torch.tanh(x.reshape(-1, d_in).to(basis_dtype))
-        basis = _basis_t1_to_tk(t, k1 - 1).to(compute_dtype)
+        basis = _chebyshev_basis(t, k1 - 1).to(compute_dtype)
         const = coefficients[:, :, 0].sum(0).to(compute_dtype)  # T_0 = 1 term
         y = torch.addmm(const, basis, _gemm_weight(coefficients, compute_dtype))
-        ctx.save_for_backward(x, coefficients)
+        ctx.save_for_backward(t, coefficients)
         ctx.compute_dtype = compute_dtype
+        ctx.x_dtype = x.dtype
         return y.reshape(*x.shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, coefficients = ctx.saved_tensors
+        t, coefficients = ctx.saved_tensors
         d_in, d_out, k1 = coefficients.shape
         degree = k1 - 1
         cd = ctx.compute_dtype
-        basis_dtype = torch.promote_types(x.dtype, torch.float32)
-        t = torch.tanh(x.reshape(-1, d_in).to(basis_dtype))
+        out_shape = grad_y.shape[:-1] + (d_in,)
         grad_y = grad_y.reshape(-1, d_out).to(cd)
         grad_x = grad_c = None
 
         if ctx.needs_input_grad[1]:
-            basis = _basis_t1_to_tk(t, degree).to(cd)
-            grad_w = (basis.t() @ grad_y).reshape(degree, d_in, d_out).permute(1, 2, 0)
-            grad_t0 = grad_y.sum(0).expand(d_in, d_out).unsqueeze(-1)
-            grad_c = torch.cat([grad_t0, grad_w], dim=-1).to(coefficients.dtype)
+            grad_w = torch.mm(_chebyshev_basis(t, degree).to(cd).t(), grad_y)
+            grad_c = torch.cat(
+                [
+                    grad_y.sum(0).expand(d_in, d_out).unsqueeze(-1),  # T_0 = 1
+                    grad_w.view(degree, d_in, d_out).permute(1, 2, 0),
+                ],
+                dim=-1,
+            ).to(coefficients.dtype)
 
         if ctx.needs_input_grad[0]:
-            grad_basis = (grad_y @ _gemm_weight(coefficients, cd).t()).to(basis_dtype)
-            # dL/dt = sum_k g_k * k * U_(k-1)(t);  U_0 = 1, U_1 = 2t, U_k = 2t U_(k-1) - U_(k-2)
-            grad_t = grad_basis[:, :d_in].clone()
-            u_prev, u = 1.0, 2 * t
-            for k in range(2, degree + 1):
-                grad_t.addcmul_(grad_basis[:, (k - 1) * d_in : k * d_in], u, value=k)
-                u_prev, u = u, 2 * t * u - u_prev
-            grad_x = (grad_t * (1 - t * t)).to(x.dtype).reshape(x.shape)
+            # a_m = (m + 1) dL/dT_(m+1); dL/dt = sum_m a_m U_m(t), summed by Clenshaw's recurrence
+            # b_m = a_m + 2t b_(m+1) - b_(m+2), dL/dt = b_0, in place over the GEMM's output.
+            a = torch.mm(grad_y, _gemm_weight(coefficients, cd, scale_by_degree=True).t()).to(t.dtype)
+            b = [a[:, m * d_in : (m + 1) * d_in] for m in range(degree)]
+            if degree >= 2:
+                two_t = t + t
+                b[degree - 2].addcmul_(two_t, b[degree - 1])
+                for m in range(degree - 3, -1, -1):
+                    b[m].addcmul_(two_t, b[m + 1]).sub_(b[m + 2])
+            grad_t = b[0]
+            grad_x = torch.addcmul(grad_t, grad_t * t, t, value=-1)  # dt/dx = 1 - t^2
+            grad_x = grad_x.to(ctx.x_dtype).reshape(out_shape)
 
         return grad_x, grad_c, None
 
