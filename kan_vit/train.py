@@ -274,14 +274,16 @@ def train(cfg: Config) -> dict:
     state = build_state(cfg, device)
     _seed_replica(cfg, rank)
     path = resume_path(cfg)
-    if path is not None:
-        _restore(state, checkpoint.load(path), device)
+    ckpt = checkpoint.load(path) if path is not None else None
+    if ckpt is not None:
+        _restore(state, ckpt, device)
     logger = RunLogger(cfg, master, start_step=state.host_step)
-    if path is not None:
+    if ckpt is not None:
         logger.info(f"resuming from {path} at step {state.host_step}")
 
+    start_batch = ckpt["train_batch"] if ckpt is not None else 0  # the stream continues where it stopped
     train_loader = pl.MpDeviceLoader(_LazyStart(create_train_loader(
-        cfg, world_size=world_size, rank=rank, start_batch=state.host_step * cfg.optim.grad_accum)), device)
+        cfg, world_size=world_size, rank=rank, start_batch=start_batch)), device)
     valid_data, _ = create_valid_loader(cfg, world_size=world_size, rank=rank)
     valid_loader = pl.MpDeviceLoader(_LazyStart(valid_data), device)
     batches = iter(train_loader)
