@@ -231,3 +231,28 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
     assert last["step"] == 8
     assert all(torch.isfinite(v).all() for v in last["model"].values())
     assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "val/acc1" in r] == [8]
+
+
+def test_resume_setting_picks_the_checkpoint(tmp_path):
+    cfg = load(DEMO, [f"run.output_dir={tmp_path}"])
+    assert train.resume_path(cfg) is None  # auto, nothing there yet
+    (tmp_path / "last.pth").write_bytes(b"")
+    assert train.resume_path(cfg) == str(tmp_path / "last.pth")
+    cfg.run.resume = "never"
+    assert train.resume_path(cfg) is None
+    cfg.run.resume = str(tmp_path / "other.pth")
+    assert train.resume_path(cfg) == str(tmp_path / "other.pth")
+
+
+def test_bf16_autocast_updates_stay_finite(tmp_path):
+    cfg = load(DEMO, tiny_overrides(tmp_path) + ["run.bf16=true", "optim.grad_accum=1"])
+    device = torch_xla.device()
+    state = train.build_state(cfg, device)
+    before = {k: v.cpu().clone() for k, v in state.model.state_dict().items()}
+    images, targets, _ = _fixed_batch(16, 10, 32)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    for _ in range(2):
+        train.train_step(state, [(images.to(device), targets.to(device), zero)], cfg)
+    after = state.model.state_dict()
+    assert all(after[k].dtype == torch.float32 for k in before)  # autocast computes in bf16, stores f32
+    assert torch.isfinite(state.loss_sum.cpu()) and not torch.equal(after["head.weight"].cpu(), before["head.weight"])
