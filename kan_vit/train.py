@@ -277,6 +277,10 @@ def train(cfg: Config) -> dict:
     ckpt = checkpoint.load(path) if path is not None else None
     if ckpt is not None:
         _restore(state, ckpt, device)
+    steps = xm.mesh_reduce("resume_step", state.host_step, list)
+    if len(set(steps)) > 1:  # e.g. output_dir on each host's local disk: only host 0 sees last.pth
+        raise RuntimeError(f"replicas would resume at different steps {sorted(set(steps))}: put "
+                           "run.output_dir on storage every host sees (or set run.resume=never)")
     logger = RunLogger(cfg, master, start_step=state.host_step)
     if ckpt is not None:
         logger.info(f"resuming from {path} at step {state.host_step}")
