@@ -31,22 +31,31 @@ def cheby_kan_reference(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Te
     return torch.einsum("...ik,iok->...o", basis, coefficients)
 
 
-def _chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
-    """T_1..T_K of `t` (N, D), written into one (N, K * D) k-major buffer (the GEMM operand).
+def _writes_in_place(t: torch.Tensor) -> bool:
+    """Eager: recurrences write into slices of one buffer (no temporaries, no concatenation).
+    XLA: fresh tensors and one cat instead; slice updates made its graph 2.6x larger (595 vs 229
+    HLO instructions for one layer's forward + backward, benchmarks/kan_xla.py)."""
+    return t.device.type != "xla"
 
-    Each T_k is two element-wise passes (mul into its slice, subtract in place): no temporaries,
-    no concatenation. Slice writes are plain views on CPU/CUDA and become one fused graph on XLA.
+
+def _chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
+    """T_1..T_K of `t` (N, D) as one (N, K * D) k-major matrix (the GEMM operand).
+
+    Each T_k is two element-wise passes: 2t * T_(k-1) into its slot, then - T_(k-2) in place.
     """
     n, d = t.shape
-    basis = t.new_empty(n, degree * d)
-    polys = [basis[:, k * d : (k + 1) * d] for k in range(degree)]
-    polys[0].copy_(t)
+    buffer = t.new_empty(n, degree * d) if _writes_in_place(t) else None
+
+    def slot(k):
+        return None if buffer is None else buffer[:, k * d : (k + 1) * d]
+
+    polys = [t if buffer is None else slot(0).copy_(t)]
     if degree >= 2:
         two_t = t + t
-        torch.mul(two_t, t, out=polys[1]).sub_(1)
+        polys.append(torch.mul(two_t, t, out=slot(1)).sub_(1))
         for k in range(2, degree):
-            torch.mul(two_t, polys[k - 1], out=polys[k]).sub_(polys[k - 2])
-    return basis
+            polys.append(torch.mul(two_t, polys[k - 1], out=slot(k)).sub_(polys[k - 2]))
+    return torch.cat(polys, dim=1) if buffer is None else buffer
 
 
 def _gemm_weight(coefficients: torch.Tensor, dtype: torch.dtype, scale_by_degree: bool = False):
@@ -101,12 +110,14 @@ class _ChebyKANFunction(torch.autograd.Function):
             # a_m = (m + 1) dL/dT_(m+1); dL/dt = sum_m a_m U_m(t), summed by Clenshaw's recurrence
             # b_m = a_m + 2t b_(m+1) - b_(m+2), dL/dt = b_0, in place over the GEMM's output.
             a = torch.mm(grad_y, _gemm_weight(coefficients, cd, scale_by_degree=True).t()).to(t.dtype)
-            b = [a[:, m * d_in : (m + 1) * d_in] for m in range(degree)]
+            b = list(a.split(d_in, dim=1))
+            in_place = _writes_in_place(t)
             if degree >= 2:
                 two_t = t + t
-                b[degree - 2].addcmul_(two_t, b[degree - 1])
-                for m in range(degree - 3, -1, -1):
-                    b[m].addcmul_(two_t, b[m + 1]).sub_(b[m + 2])
+                for m in range(degree - 2, -1, -1):
+                    b[m] = torch.addcmul(b[m], two_t, b[m + 1], out=b[m] if in_place else None)
+                    if m + 2 < degree:
+                        b[m].sub_(b[m + 2])
             grad_t = b[0]
             grad_x = torch.addcmul(grad_t, grad_t * t, t, value=-1)  # dt/dx = 1 - t^2
             grad_x = grad_x.to(ctx.x_dtype).reshape(out_shape)
