@@ -64,10 +64,10 @@ def _gemm_weight(coefficients: torch.Tensor, dtype: torch.dtype, scale_by_degree
     `scale_by_degree` multiplies row block k by k: backward then gets k * dL/dT_k from one GEMM.
     """
     d_in, d_out, k1 = coefficients.shape
-    weight = coefficients[:, :, 1:]
-    if scale_by_degree:
-        weight = weight * torch.arange(1, k1, dtype=weight.dtype, device=weight.device)
-    return weight.permute(2, 0, 1).reshape((k1 - 1) * d_in, d_out).to(dtype)
+    weight = coefficients[:, :, 1:].permute(2, 0, 1).reshape(k1 - 1, d_in * d_out).to(dtype)
+    if scale_by_degree:  # on the contiguous copy: a broadcast over C's stride-(K+1) axis is slow
+        weight = weight * torch.arange(1, k1, dtype=dtype, device=weight.device).unsqueeze(1)
+    return weight.reshape((k1 - 1) * d_in, d_out)
 
 
 class _ChebyKANFunction(torch.autograd.Function):
