@@ -7,12 +7,12 @@ Two formulations compute the same function:
 
 * `cheby_kan_reference`: stack T_0..T_K into an (..., in, K+1) tensor and contract it with an
   einsum. Autograd keeps the whole basis alive for backward (about (K+3)*in floats per token).
-* `cheby_kan` (the default): an autograd Function that saves only its input and recomputes
-  the basis in backward, using dT_k/dt = k U_(k-1)(t). T_0 = 1 is folded into a constant
-  (sum_i C[i, :, 0]), so the GEMM has K*in columns: exactly the FLOPs of a 4x MLP at K = 8.
+* `cheby_kan` (the default): an autograd Function that saves only t = tanh(x) and recomputes
+  the basis in backward; dL/dt = sum_k dL/dT_k * k U_(k-1)(t) is summed by Clenshaw's
+  recurrence. T_0 = 1 is folded into a constant (sum_i C[i, :, 0]), so the GEMM has K*in
+  columns: exactly the FLOPs of a 4x MLP at K = 8.
 """
 from __future__ import annotations
-
 
 import torch
 from torch import nn
@@ -38,35 +38,42 @@ def _writes_in_place(t: torch.Tensor) -> bool:
     return t.device.type != "xla"
 
 
-def _chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
-    """T_1..T_K of `t` (N, D) as one (N, K * D) k-major matrix (the GEMM operand).
+def _basis_signs(degree: int) -> list[float]:
+    """sigma_1..sigma_K = +, -, -, +, +, -, -, ... (sigma_k = -sigma_(k-2), sigma_0 = sigma_1 = 1)."""
+    return [1.0 if k % 4 in (0, 1) else -1.0 for k in range(1, degree + 1)]
 
-    Each T_k is two element-wise passes: 2t * T_(k-1) into its slot, then - T_(k-2) in place.
+
+def _chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
+    """sigma_k T_k(t) for k = 1..K, as one (N, K * D) k-major matrix (the GEMM operand).
+
+    With R_k = sigma_k T_k the recurrence T_k = 2t T_(k-1) - T_(k-2) becomes
+    R_k = R_(k-2) + 2 sigma_k sigma_(k-1) t R_(k-1): one addcmul (one element-wise pass) per k.
+    The signs are undone in the GEMM weight (`_gemm_weight(..., row_scale=_basis_signs(K))`).
     """
     n, d = t.shape
     buffer = t.new_empty(n, degree * d) if _writes_in_place(t) else None
 
     def slot(k):
-        return None if buffer is None else buffer[:, k * d : (k + 1) * d]
+        return None if buffer is None else buffer[:, (k - 1) * d : k * d]
 
-    polys = [t if buffer is None else slot(0).copy_(t)]
-    if degree >= 2:
-        two_t = t + t
-        polys.append(torch.mul(two_t, t, out=slot(1)).sub_(1))
-        for k in range(2, degree):
-            polys.append(torch.mul(two_t, polys[k - 1], out=slot(k)).sub_(polys[k - 2]))
-    return torch.cat(polys, dim=1) if buffer is None else buffer
+    polys = [t.new_ones(()), t if buffer is None else slot(1).copy_(t)]  # R_0 = 1, R_1 = t
+    signs = [1.0] + _basis_signs(degree)
+    for k in range(2, degree + 1):
+        value = 2 * signs[k] * signs[k - 1]
+        polys.append(torch.addcmul(polys[k - 2], t, polys[k - 1], value=value, out=slot(k)))
+    return torch.cat(polys[1:], dim=1) if buffer is None else buffer
 
 
-def _gemm_weight(coefficients: torch.Tensor, dtype: torch.dtype, scale_by_degree: bool = False):
-    """C[:, :, 1:] as a (K * in, out) matrix whose rows match `_chebyshev_basis`'s columns.
-
-    `scale_by_degree` multiplies row block k by k: backward then gets k * dL/dT_k from one GEMM.
-    """
+def _gemm_weight(coefficients: torch.Tensor, dtype: torch.dtype, row_scale: list[float]) -> torch.Tensor:
+    """C[:, :, 1:] as a (K * in, out) matrix whose rows match `_chebyshev_basis`'s columns,
+    row block k multiplied by row_scale[k - 1]."""
     d_in, d_out, k1 = coefficients.shape
-    weight = coefficients[:, :, 1:].permute(2, 0, 1).reshape(k1 - 1, d_in * d_out).to(dtype)
-    if scale_by_degree:  # on the contiguous copy: a broadcast over C's stride-(K+1) axis is slow
-        weight = weight * torch.arange(1, k1, dtype=dtype, device=weight.device).unsqueeze(1)
+    blocks = coefficients[:, :, 1:].permute(2, 0, 1)
+    scale = torch.tensor(row_scale, dtype=dtype, device=coefficients.device).view(-1, 1, 1)
+    if _writes_in_place(coefficients):  # gather, scale and cast in one pass into a contiguous matrix
+        weight = torch.mul(blocks, scale, out=blocks.new_empty(blocks.shape, dtype=dtype))
+    else:
+        weight = blocks.to(dtype) * scale
     return weight.reshape((k1 - 1) * d_in, d_out)
 
 
@@ -80,7 +87,7 @@ class _ChebyKANFunction(torch.autograd.Function):
         t = torch.tanh(x.reshape(-1, d_in).to(basis_dtype))
         basis = _chebyshev_basis(t, k1 - 1).to(compute_dtype)
         const = coefficients[:, :, 0].sum(0).to(compute_dtype)  # T_0 = 1 term
-        y = torch.addmm(const, basis, _gemm_weight(coefficients, compute_dtype))
+        y = torch.addmm(const, basis, _gemm_weight(coefficients, compute_dtype, _basis_signs(k1 - 1)))
         ctx.save_for_backward(t, coefficients)
         ctx.compute_dtype = compute_dtype
         ctx.x_dtype = x.dtype
@@ -97,11 +104,12 @@ class _ChebyKANFunction(torch.autograd.Function):
         grad_x = grad_c = None
 
         if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(_chebyshev_basis(t, degree).to(cd).t(), grad_y)
+            grad_w = torch.mm(_chebyshev_basis(t, degree).to(cd).t(), grad_y)  # sigma_k dL/dC_k
+            signs = torch.tensor(_basis_signs(degree), dtype=cd, device=grad_w.device).view(degree, 1, 1)
             grad_c = torch.cat(
                 [
                     grad_y.sum(0).expand(d_in, d_out).unsqueeze(-1),  # T_0 = 1
-                    grad_w.view(degree, d_in, d_out).permute(1, 2, 0),
+                    (grad_w.view(degree, d_in, d_out) * signs).permute(1, 2, 0),
                 ],
                 dim=-1,
             ).to(coefficients.dtype)
@@ -109,7 +117,8 @@ class _ChebyKANFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # a_m = (m + 1) dL/dT_(m+1); dL/dt = sum_m a_m U_m(t), summed by Clenshaw's recurrence
             # b_m = a_m + 2t b_(m+1) - b_(m+2), dL/dt = b_0, in place over the GEMM's output.
-            a = torch.mm(grad_y, _gemm_weight(coefficients, cd, scale_by_degree=True).t()).to(t.dtype)
+            degrees = [float(k) for k in range(1, degree + 1)]
+            a = torch.mm(grad_y, _gemm_weight(coefficients, cd, degrees).t()).to(t.dtype)
             b = list(a.split(d_in, dim=1))
             in_place = _writes_in_place(t)
             if degree >= 2:
