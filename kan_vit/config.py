@@ -115,7 +115,6 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Loading, overrides, validation, saving. Everything is checked here, before any process spawns.
 
-SECTIONS = {f.name: f.type for f in fields(Config)}
 CHOICES = {
     "data.format": ("webdataset", "imagefolder", "demo_digits"),
     "augment.random_crop": ("none", "rrc", "src"),
@@ -167,7 +166,7 @@ def _coerce(key: str, value, annotation):
 def from_dict(raw: dict) -> Config:
     """A Config from nested {section: {key: value}}; unknown sections/keys and wrong types raise."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"a config must be a mapping of sections {sorted(SECTIONS)}, got {type(raw).__name__}")
+        raise ConfigError(f"a config must be a mapping of sections {list(_section_classes())}, got {type(raw).__name__}")
     classes = _section_classes()
     sections = {}
     for section, values in raw.items():

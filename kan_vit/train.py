@@ -269,18 +269,20 @@ def train(cfg: Config) -> dict:
     world_size, rank = xr.world_size(), xr.global_ordinal()
     master = rank == 0  # the global master: the only writer of files in output_dir
     if master:
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run.output_dir, CONFIG_FILE))
 
     state = build_state(cfg, device)
-    _seed_replica(cfg, rank)
     path = resume_path(cfg)
     ckpt = checkpoint.load(path) if path is not None else None
-    if ckpt is not None:
-        _restore(state, ckpt, device)
-    steps = xm.mesh_reduce("resume_step", state.host_step, list)
+    # A collective (it syncs, advancing the device RNG): before any RNG state is set.
+    steps = xm.mesh_reduce("resume_step", ckpt["step"] if ckpt is not None else 0, list)
     if len(set(steps)) > 1:  # e.g. output_dir on each host's local disk: only host 0 sees last.pth
         raise RuntimeError(f"replicas would resume at different steps {sorted(set(steps))}: put "
                            "run.output_dir on storage every host sees (or set run.resume=never)")
+    _seed_replica(cfg, rank)
+    if ckpt is not None:
+        _restore(state, ckpt, device)
     logger = RunLogger(cfg, master, start_step=state.host_step)
     if ckpt is not None:
         logger.info(f"resuming from {path} at step {state.host_step}")

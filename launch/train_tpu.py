@@ -9,7 +9,6 @@ run.output_dir/last.pth (run.resume: auto | never | PATH).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import yaml
@@ -36,7 +35,6 @@ def main(argv=None) -> int:
     except (ConfigError, ValueError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    os.makedirs(cfg.run.output_dir, exist_ok=True)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
     try:
         launch(cfg)
