@@ -387,6 +387,15 @@ def _atomic_outputs(*paths: Path):
                 tmp.unlink()
 
 
+def save_flax(params: dict, path: str | Path) -> None:
+    """Write the original's `.msgpack` atomically: a crash leaves the previous file intact."""
+    with _atomic_outputs(Path(path)) as (tmp,):
+        with open(tmp, "wb") as f:
+            flax_msgpack.dump(params, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def _load_torch_source(source: str) -> tuple[dict, int | None]:
     """(state dict, heads if known) from a file we wrote, a trainer checkpoint or a timm name."""
     import timm
@@ -491,9 +500,7 @@ def _torch_to_flax_file(
     arch = infer_flax_architecture(params, image_size)
     print(f"Architecture: {_describe(arch)}")
     print(f"Parameters: {sum(v.size for v in _flatten(params).values()):,}")
-    with _atomic_outputs(dst) as (tmp,):
-        with open(tmp, "wb") as f:
-            flax_msgpack.dump(params, f)
+    save_flax(params, dst)
     print(f"Wrote {dst}")
 
 
