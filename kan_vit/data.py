@@ -23,6 +23,7 @@ import random
 import tarfile
 import warnings
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -306,10 +307,10 @@ def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0
                          f"augment.augment_repeats >= 1 and model.labels set")
     if cfg.data.format == "imagefolder":
         dataset = ImageFolder(cfg.data.train_dataset_shards)
-        items = lambda worker, n: _folder_items(dataset, cfg, world_size, rank, worker, n)  # noqa: E731
+        items = partial(_folder_items, dataset, cfg, world_size, rank)  # picklable: spawn-started workers
     else:
         urls = expand_urls(_source(cfg, "train"))
-        items = lambda worker, n: _shard_items(urls, cfg, world_size, rank, worker, n)  # noqa: E731
+        items = partial(_shard_items, urls, cfg, world_size, rank)  # picklable: spawn-started workers
     workers = cfg.data.train_loader_workers
     return DataLoader(_TrainBatches(items, cfg, world_size, rank, start_batch, batch_size),
                       batch_size=None, num_workers=workers, persistent_workers=workers > 0)

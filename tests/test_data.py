@@ -3,6 +3,7 @@ sharding, exact validation counts, bit-exact resume, bad data, dataset errors.""
 import io
 import math
 import os
+import pickle
 import tarfile
 
 import numpy as np
@@ -457,3 +458,16 @@ def test_imagefolder_resume_is_bit_exact(tmp_path):
     resumed = [b for _, b in zip(range(2), data.create_train_loader(cfg, world_size=2, rank=1, start_batch=5))]
     for want, got in zip(full[5:], resumed):
         assert all(torch.equal(w, g) for w, g in zip(want, got))
+
+
+def test_loaders_start_workers_under_spawn(unique_shards):
+    """xmp.spawn children start DataLoader workers with `spawn`: the datasets must pickle, and a
+    spawned worker must yield the same batch as the in-process loader."""
+    cfg = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=2, per_replica=4)
+    train = data.create_train_loader(cfg, world_size=2, rank=1)
+    valid, _ = data.create_valid_loader(cfg, world_size=2, rank=1)
+    spawned = torch.utils.data.DataLoader(train.dataset, batch_size=None, num_workers=1,
+                                          multiprocessing_context="spawn")
+    want, got = next(iter(train)), next(iter(spawned))
+    assert all(torch.equal(w, g) for w, g in zip(want, got))
+    pickle.dumps(valid.dataset)
