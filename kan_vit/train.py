@@ -29,6 +29,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import checkpoint
 from .config import Config, from_dict, save as save_config, to_dict
+from .convert import save_flax, timm_to_flax
 from .data import create_train_loader, create_valid_loader
 from .metrics_log import RunLogger
 from .optim import create_optimizer, lr_at, set_lr
@@ -188,7 +189,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
         torch_xla.sync()
     loss_sum, correct1, correct5, count, skipped = _all_reduce_sum(sums).cpu().double().tolist()
     return {"val/loss": loss_sum / count, "val/acc1": correct1 / count, "val/acc5": correct5 / count,
-            "val/skipped": int(skipped)}
+            "val/count": int(count), "val/skipped": int(skipped)}
 
 
 # --- Checkpoints and resume --------------------------------------------------------------------
@@ -288,10 +289,10 @@ def train(cfg: Config) -> dict:
         logger.info(f"resuming from {path} at step {state.host_step}")
 
     start_batch = ckpt["train_batch"] if ckpt is not None else 0  # the stream continues where it stopped
-    train_loader = pl.MpDeviceLoader(_LazyStart(create_train_loader(
+    train_loader = pl.MpDeviceLoader(LazyStart(create_train_loader(
         cfg, world_size=world_size, rank=rank, start_batch=start_batch)), device)
     valid_data, _ = create_valid_loader(cfg, world_size=world_size, rank=rank)
-    valid_loader = pl.MpDeviceLoader(_LazyStart(valid_data), device)
+    valid_loader = pl.MpDeviceLoader(LazyStart(valid_data), device)
     batches = iter(train_loader)
     s = cfg.schedule
     metrics = {}
@@ -318,16 +319,16 @@ def train(cfg: Config) -> dict:
         rng = _rng_state()
         ckpt = _checkpoint(state, cfg, metrics, rng)
         if master:
-            if improved:
-                checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, BEST))
-            checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, LAST))
-            # EXPORT HOOK (lead): run.export_flax -> write {name}-best/last.msgpack here.
+            for target in ([BEST, LAST] if improved else [LAST]):
+                checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, target))
+                if cfg.run.export_flax:
+                    _export_flax(ckpt["model"], cfg, target)
         _set_rng_state(rng)  # continue from exactly the state a resumed run restores
     logger.close()
     return metrics
 
 
-class _LazyStart:
+class LazyStart:
     """Re-iterable wrapper whose iterator starts lazily: MpDeviceLoader's thread creates the
     iterator outside its try/finally, so an error there (e.g. a worker that cannot start) would
     leave the training loop waiting forever instead of ending the stream."""
@@ -337,6 +338,13 @@ class _LazyStart:
 
     def __iter__(self):
         yield from self.loader
+
+
+def _export_flax(state_dict: dict, cfg: Config, target: str) -> None:
+    """The checkpoint's weights in the original's format: {run.name}-best/last.msgpack."""
+    kind = os.path.splitext(target)[0]
+    path = os.path.join(cfg.run.output_dir, f"{cfg.run.name or 'kan_vit'}-{kind}.msgpack")
+    save_flax(timm_to_flax(state_dict, cfg.model.heads), path)
 
 
 def _diverged_message(step: int, cfg: Config) -> str:

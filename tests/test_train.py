@@ -23,6 +23,7 @@ from kan_vit.optim import lr_at
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")
 LAUNCH = os.path.join(ROOT, "launch", "train_tpu.py")
+EVALUATE = os.path.join(ROOT, "launch", "evaluate.py")
 
 
 def tiny_overrides(output_dir) -> list[str]:
@@ -151,29 +152,52 @@ def test_data_parallel_over_4_devices_matches_one_device(tmp_path):
     assert round(metrics["val/acc1"] * 13) == pytest.approx(metrics["val/acc1"] * 13, abs=1e-6)
 
 
+DEMO_SHORT = ["schedule.training_steps=60", "schedule.eval_interval=30", "schedule.log_interval=10",
+              "data.train_loader_workers=1", "data.valid_loader_workers=0", "run.export_flax=true"]
+
+
 def test_demo_short_run_learns_and_writes_its_files(tmp_path):
+    """The launcher end to end (one spawned loader worker), then launch/evaluate.py on what it wrote."""
     out = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, LAUNCH, "--config", DEMO, "--set", f"run.output_dir={out}",
-         "--set", "schedule.training_steps=60", "--set", "schedule.eval_interval=30",
-         "--set", "schedule.log_interval=10", "--set", "data.train_loader_workers=0",
-         "--set", "data.valid_loader_workers=0"],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, PJRT_DEVICE="CPU"))
+    overrides = [f"run.output_dir={out}"] + DEMO_SHORT
+    env = dict(os.environ, PJRT_DEVICE="CPU")
+    result = subprocess.run([sys.executable, LAUNCH, "--config", DEMO] + [a for o in overrides for a in ("--set", o)],
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(str(out / "metrics.jsonl"))
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.1
     evals = [r for r in records if "val/acc1" in r]
     assert [r["step"] for r in evals] == [30, 60]
-    assert evals[-1]["val/acc1"] > 0.2  # chance is 0.1
-    assert load(str(out / "config.yaml")) == load(DEMO, [f"run.output_dir={out}", "schedule.training_steps=60",
-                                                         "schedule.eval_interval=30", "schedule.log_interval=10",
-                                                         "data.train_loader_workers=0", "data.valid_loader_workers=0"])
+    assert evals[-1]["val/acc1"] > 0.2 and evals[-1]["val/count"] == 360  # chance is 0.1; every image once
+    assert load(str(out / "config.yaml")) == load(DEMO, overrides)
     last = torch.load(out / "last.pth", weights_only=True)  # what timm's loader does
     assert last["step"] == 60 and last["metrics"]["val/acc1"] == evals[-1]["val/acc1"]
     model = train.build_model(load(str(out / "config.yaml")))
     model.load_state_dict(last["model"])
-    assert checkpoint.load(str(out / "best.pth"))["best_acc1"] == max(r["val/acc1"] for r in evals)
+    best = checkpoint.load(str(out / "best.pth"))
+    assert best["best_acc1"] == max(r["val/acc1"] for r in evals)
+
+    # run.export_flax: the original's format, read by Flax and computing the same function
+    from flax.serialization import msgpack_restore
+    from numpy_reference import forward as reference_forward
+
+    params = msgpack_restore((out / "demo_digits-last.msgpack").read_bytes())
+    assert (out / "demo_digits-best.msgpack").exists()
+    images = np.random.default_rng(0).standard_normal((2, 3, 32, 32))
+    model = model.double().eval()
+    np.testing.assert_allclose(model(torch.from_numpy(images)).detach().numpy(),
+                               reference_forward(params, images), atol=1e-6)
+
+    # launch/evaluate.py reproduces the run's own evaluation from best.pth and from the .msgpack
+    for ckpt, want in ((out / "best.pth", best["metrics"]), (out / "demo_digits-last.msgpack", last["metrics"])):
+        result = subprocess.run([sys.executable, EVALUATE, "--config", str(out / "config.yaml"),
+                                 "--checkpoint", str(ckpt)], capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        got = json.loads(result.stdout.strip().splitlines()[-1])
+        assert got["val/count"] == 360
+        for key in ("val/acc1", "val/acc5", "val/loss"):
+            assert got[key] == pytest.approx(want[key], abs=1e-5), key
 
 
 def _resume_overrides(out):
@@ -258,3 +282,15 @@ def test_bf16_autocast_updates_stay_finite(tmp_path):
     after = state.model.state_dict()
     assert all(after[k].dtype == torch.float32 for k in before)  # autocast computes in bf16, stores f32
     assert torch.isfinite(state.loss_sum.cpu()) and not torch.equal(after["head.weight"].cpu(), before["head.weight"])
+
+
+def test_evaluate_rejects_a_checkpoint_that_does_not_fit(tmp_path):
+    from flax.serialization import msgpack_serialize
+    from numpy_reference import random_params
+
+    path = tmp_path / "other.msgpack"  # dim 16, 5 classes: not the demo's model
+    path.write_bytes(msgpack_serialize(random_params(grid=4, patch=8)))
+    result = subprocess.run([sys.executable, EVALUATE, "--config", DEMO, "--checkpoint", str(path)],
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ, PJRT_DEVICE="CPU"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: checkpoint") and "set model.labels" in result.stderr
