@@ -43,12 +43,19 @@ def _basis_signs(degree: int) -> list[float]:
     return [1.0 if k % 4 in (0, 1) else -1.0 for k in range(1, degree + 1)]
 
 
+def _row_scale(degree: int, kind: str, dtype: torch.dtype, device) -> torch.Tensor:
+    """k ("degree") or sigma_k ("sign", as `_basis_signs`) for k = 1..K, built on the device
+    (an iota on XLA: no host-to-device upload per step)."""
+    k = torch.arange(1, degree + 1, device=device)
+    return (k if kind == "degree" else 1 - 2 * (k % 4 // 2)).to(dtype)
+
+
 def _chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
     """sigma_k T_k(t) for k = 1..K, as one (N, K * D) k-major matrix (the GEMM operand).
 
     With R_k = sigma_k T_k the recurrence T_k = 2t T_(k-1) - T_(k-2) becomes
     R_k = R_(k-2) + 2 sigma_k sigma_(k-1) t R_(k-1): one addcmul (one element-wise pass) per k.
-    The signs are undone in the GEMM weight (`_gemm_weight(..., row_scale=_basis_signs(K))`).
+    The signs are undone in the GEMM weight (`_gemm_weight` with `_row_scale(K, "sign", ...)`).
     """
     n, d = t.shape
     buffer = t.new_empty(n, degree * d) if _writes_in_place(t) else None
@@ -64,12 +71,12 @@ def _chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
     return torch.cat(polys[1:], dim=1) if buffer is None else buffer
 
 
-def _gemm_weight(coefficients: torch.Tensor, dtype: torch.dtype, row_scale: list[float]) -> torch.Tensor:
+def _gemm_weight(coefficients: torch.Tensor, dtype: torch.dtype, row_scale: torch.Tensor) -> torch.Tensor:
     """C[:, :, 1:] as a (K * in, out) matrix whose rows match `_chebyshev_basis`'s columns,
     row block k multiplied by row_scale[k - 1]."""
     d_in, d_out, k1 = coefficients.shape
     blocks = coefficients[:, :, 1:].permute(2, 0, 1)
-    scale = torch.tensor(row_scale, dtype=dtype, device=coefficients.device).view(-1, 1, 1)
+    scale = row_scale.view(-1, 1, 1)
     if _writes_in_place(coefficients):  # gather, scale and cast in one pass into a contiguous matrix
         weight = torch.mul(blocks, scale, out=blocks.new_empty(blocks.shape, dtype=dtype))
     else:
@@ -87,7 +94,8 @@ class _ChebyKANFunction(torch.autograd.Function):
         t = torch.tanh(x.reshape(-1, d_in).to(basis_dtype))
         basis = _chebyshev_basis(t, k1 - 1).to(compute_dtype)
         const = coefficients[:, :, 0].sum(0).to(compute_dtype)  # T_0 = 1 term
-        y = torch.addmm(const, basis, _gemm_weight(coefficients, compute_dtype, _basis_signs(k1 - 1)))
+        signs = _row_scale(k1 - 1, "sign", compute_dtype, x.device)
+        y = torch.addmm(const, basis, _gemm_weight(coefficients, compute_dtype, signs))
         ctx.save_for_backward(t, coefficients)
         ctx.compute_dtype = compute_dtype
         ctx.x_dtype = x.dtype
@@ -105,7 +113,7 @@ class _ChebyKANFunction(torch.autograd.Function):
 
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(_chebyshev_basis(t, degree).to(cd).t(), grad_y)  # sigma_k dL/dC_k
-            signs = torch.tensor(_basis_signs(degree), dtype=cd, device=grad_w.device).view(degree, 1, 1)
+            signs = _row_scale(degree, "sign", cd, grad_w.device).view(degree, 1, 1)
             grad_c = torch.cat(
                 [
                     grad_y.sum(0).expand(d_in, d_out).unsqueeze(-1),  # T_0 = 1
@@ -117,7 +125,7 @@ class _ChebyKANFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # a_m = (m + 1) dL/dT_(m+1); dL/dt = sum_m a_m U_m(t), summed by Clenshaw's recurrence
             # b_m = a_m + 2t b_(m+1) - b_(m+2), dL/dt = b_0, in place over the GEMM's output.
-            degrees = [float(k) for k in range(1, degree + 1)]
+            degrees = _row_scale(degree, "degree", cd, t.device)
             a = torch.mm(grad_y, _gemm_weight(coefficients, cd, degrees).t()).to(t.dtype)
             b = list(a.split(d_in, dim=1))
             in_place = _writes_in_place(t)
