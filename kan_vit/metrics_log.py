@@ -52,7 +52,8 @@ class RunLogger:
     def eval(self, step: int, metrics: dict) -> None:
         if not self.master:
             return
-        self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        shown = (f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        self.bar.write(f"step {step}: " + ", ".join(shown))  # counts stay integers
         self._write(step, metrics)
 
     def info(self, message: str) -> None:
