@@ -5,9 +5,8 @@ Normalisation happens on the device (§2), so every transform here ends in uint8
 from __future__ import annotations
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from PIL import Image
-from timm.data import auto_augment
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
