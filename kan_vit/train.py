@@ -12,6 +12,7 @@ XLA rules, all kept in `train_step` / `evaluate` / `_normalize`:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -102,10 +103,16 @@ def build_state(cfg: Config, device: torch.device) -> TrainState:
                       skipped=zero(torch.int64), first_bad_step=zero(torch.int64) - 1)
 
 
+@functools.lru_cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean/std as (1, 3, 1, 1) device tensors, uploaded once instead of every step."""
+    return (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1))
+
+
 def _normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW -> float32 (x / 255 - mean) / std, on the device (the host only sends bytes)."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images.device)
     return (images.float() / 255.0 - mean) / std
 
 

@@ -294,3 +294,18 @@ def test_evaluate_rejects_a_checkpoint_that_does_not_fit(tmp_path):
                             capture_output=True, text=True, timeout=120, env=dict(os.environ, PJRT_DEVICE="CPU"))
     assert result.returncode == 2
     assert result.stderr.startswith("error: checkpoint") and "set model.labels" in result.stderr
+
+
+def test_normalisation_constants_are_uploaded_once():
+    """The mean/std live on the device after the first step: a step uploads only its batch."""
+    device = torch_xla.device()
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8, device=device)
+    train._normalize(images)
+    torch_xla.sync()
+    met.clear_all()
+    out = train._normalize(images)
+    torch_xla.sync()
+    assert met.metric_data("TransferToDeviceTime") is None
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(out.cpu(), (0 - mean).expand(2, 3, 4, 4) / std)
