@@ -29,9 +29,9 @@ import torch_xla.runtime as xr
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import checkpoint
-from .config import Config, from_dict, save as save_config, to_dict
+from .config import Config, from_dict, load, save as save_config, to_dict, validate
 from .convert import save_flax, timm_to_flax
-from .data import create_train_loader, create_valid_loader
+from .data import check_dataset, create_train_loader, create_valid_loader
 from .metrics_log import RunLogger
 from .optim import create_optimizer, lr_at, set_lr
 
@@ -55,6 +55,15 @@ def expected_world_size() -> int:
     if device == "CPU":
         return int(os.environ.get("CPU_NUM_DEVICES", "1"))
     raise RuntimeError(f"PJRT_DEVICE={device}: this trainer supports TPU (and CPU for tests)")
+
+
+def load_checked_config(path: str, overrides: list[str]) -> Config:
+    """The launchers' config: loaded, `--set` applied, values, combinations and datasets checked,
+    all before any process is spawned (raises ConfigError / ValueError)."""
+    cfg = load(path, overrides)
+    validate(cfg, expected_world_size())
+    check_dataset(cfg)
+    return cfg
 
 
 def build_model(cfg: Config) -> torch.nn.Module:

@@ -13,10 +13,9 @@ import dataclasses
 import json
 import sys
 
-from kan_vit.config import ConfigError, from_dict, load, to_dict, validate
-from kan_vit.data import check_dataset
+from kan_vit.config import ConfigError, from_dict, to_dict
 from kan_vit.pretrained import load_weights
-from kan_vit.train import build_model, expected_world_size
+from kan_vit.train import build_model, load_checked_config
 
 
 def _model(cfg, checkpoint: str):
@@ -51,9 +50,7 @@ def main(argv=None) -> int:
                         help="override one config key; the value is parsed as YAML; repeatable")
     args = parser.parse_args(argv)
     try:
-        cfg = load(args.config, args.set)
-        validate(cfg, expected_world_size())
-        check_dataset(cfg)
+        cfg = load_checked_config(args.config, args.set)
         _model(cfg, args.checkpoint)  # a checkpoint that does not fit fails here, before spawning
     except (ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -13,9 +13,8 @@ import sys
 
 import yaml
 
-from kan_vit.config import ConfigError, load, to_dict, validate
-from kan_vit.data import check_dataset
-from kan_vit.train import DivergenceError, expected_world_size, launch
+from kan_vit.config import ConfigError, to_dict
+from kan_vit.train import DivergenceError, launch, load_checked_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,9 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load(args.config, args.set)
-        validate(cfg, expected_world_size())
-        check_dataset(cfg)
+        cfg = load_checked_config(args.config, args.set)
     except (ConfigError, ValueError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
