@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -23,26 +24,50 @@ def to_cpu(tree):
     return tree
 
 
-def save(obj: dict, path: str) -> None:
-    """Write `obj` to `path` so that `path` is always either the old or the complete new file:
-    temp file in the same directory (same filesystem), fsync, atomic rename, fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+@contextmanager
+def atomic_outputs(*paths: str):
+    """Yield temporary paths in the directories of `paths`; when the body succeeds, fsync them,
+    give them the umask's permissions and rename them over `paths`, then fsync the directories.
+    On any failure the temporary files are removed: each path is the old or the complete new file."""
+    paths = [os.path.abspath(p) for p in paths]
+    temps = []
     try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        for path in paths:
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                           dir=os.path.dirname(path))
+            except OSError as error:
+                raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
+            os.close(fd)
+            temps.append(tmp)
+        yield temps
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp, path in zip(temps, paths):
+            _fsync(tmp)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and some writers) create 0600 files
+            os.replace(tmp, path)
+        for directory in {os.path.dirname(p) for p in paths}:
+            _fsync(directory)  # make the renames themselves durable
     finally:
-        os.close(dir_fd)
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(obj: dict, path: str) -> None:
+    """Write `obj` to `path` atomically (see `atomic_outputs`)."""
+    with atomic_outputs(path) as (tmp,):
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
 
 
 def load(path: str) -> dict:

@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import warnings
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 from . import flax_msgpack
+from .checkpoint import atomic_outputs
 from .vision_transformer import KanVisionTransformer
 
 __all__ = ["ConvertError", "flax_to_timm", "timm_to_flax", "infer_flax_architecture", "main"]
@@ -363,37 +362,35 @@ def timm_to_flax(state_dict: dict, num_heads: int) -> dict:
 # Files and CLI
 
 
-@contextmanager
-def _atomic_outputs(*paths: Path):
-    """Yield temporary paths next to `paths`; rename them into place only if the body succeeds."""
-    temps = []
-    try:
-        for path in paths:
-            tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-            temps.append(tmp)
-            try:
-                open(tmp, "wb").close()
-            except OSError as e:
-                raise ConvertError(f"cannot write {path}: {e.strerror}") from None
-        yield [str(tmp) for tmp in temps]
-        umask = os.umask(0)
-        os.umask(umask)
-        for tmp, path in zip(temps, paths):
-            os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps:
-            if tmp.exists():
-                tmp.unlink()
-
-
 def save_flax(params: dict, path: str | Path) -> None:
     """Write the original's `.msgpack` atomically: a crash leaves the previous file intact."""
-    with _atomic_outputs(Path(path)) as (tmp,):
+    with atomic_outputs(path) as (tmp,):
         with open(tmp, "wb") as f:
             flax_msgpack.dump(params, f)
-            f.flush()
-            os.fsync(f.fileno())
+
+
+def read_torch_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
+    """(state dict, the run's config or None) from .safetensors, a .pth state dict or a trainer
+    checkpoint (weights under "model", the resolved config under "config")."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict = load_file(path)
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch raise many kinds for a file that is not theirs
+        raise ConvertError(
+            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    config = None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
+        config = state_dict.get("config")
+        state_dict = state_dict["model"]
+    if not isinstance(state_dict, dict):
+        raise ConvertError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
+    return state_dict, config
 
 
 def _load_torch_source(source: str) -> tuple[dict, int | None]:
@@ -407,24 +404,8 @@ def _load_torch_source(source: str) -> tuple[dict, int | None]:
         model = timm.create_model(source, pretrained=True)
         _check_timm_semantics(model, source)
         return model.state_dict(), model.blocks[0].attn.num_heads
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state_dict = load_file(path)
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors and torch raise many kinds for a file that is not theirs
-        raise ConvertError(
-            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-    heads = None
-    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
-        # trainer checkpoint (kan_vit.train): weights under "model", the run's config under "config"
-        heads = state_dict.get("config", {}).get("model", {}).get("heads")
-        state_dict = state_dict["model"]
-    if not isinstance(state_dict, dict):
-        raise ConvertError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
+    state_dict, config = read_torch_checkpoint(path)
+    heads = (config or {}).get("model", {}).get("heads")
     sidecar = path.with_suffix(".json")
     if heads is None and sidecar.exists():
         try:
@@ -472,7 +453,7 @@ def _flax_to_torch_file(src: Path, dst: Path, image_size: int | None, exclude_he
     print(f"Parameters: {sum(v.numel() for v in state_dict.values()):,}")
     print(f"timm: {name} {json.dumps(model_args)}")
     sidecar = dst.with_suffix(".json")
-    with _atomic_outputs(dst, sidecar) as (tmp, tmp_sidecar):
+    with atomic_outputs(dst, sidecar) as (tmp, tmp_sidecar):
         if dst.suffix == ".safetensors":
             from safetensors.torch import save_file
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .convert import flax_to_timm, read_torch_checkpoint
+from .flax_msgpack import load as load_msgpack
 from .vision_transformer import checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
@@ -26,19 +28,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check model.pretrained_ckpt")
     if path.suffix == ".msgpack":
-        from .convert import flax_to_timm
-        from .flax_msgpack import load as load_msgpack
-
         state_dict, _, _ = flax_to_timm(load_msgpack(path))  # weights do not depend on image size
         return state_dict
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict")
-    return checkpoint.get("model", checkpoint)
+    return read_torch_checkpoint(path)[0]
 
 
 def read_label_mapping(path: str | Path) -> tuple[list[int], list[int]]:

@@ -171,13 +171,13 @@ class KanVisionTransformer(VisionTransformer):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: KanVisionTransformer) -> dict:
-    """Adapt a state dict (ours or a trainer checkpoint's "model") to `model`.
+    """Adapt a state dict to `model` (timm's loader and `kan_vit.pretrained` unwrap checkpoints).
 
     A learnable pos_embed is resampled (bicubic) to the model's grid; a missing head or one of
     another shape is replaced by the model's own freshly initialised head (dropped if the model
     has none).
     """
-    state_dict = dict(state_dict.get("model", state_dict))
+    state_dict = dict(state_dict)
     pos_embed = state_dict.get("pos_embed")
     if pos_embed is not None and model.pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
         # antialiased bicubic (Keys a=-0.5), the same weights as the original's jax.image.resize
