@@ -1,6 +1,6 @@
 """KAN feed-forward vs the MLP it replaces: time (forward + backward) and memory saved for backward.
 
-    python benchmarks/kan_ffn.py [--tokens 1576] [--dim 384] [--degree 8] [--reps 10] [--threads N]
+    python benchmarks/kan_ffn.py [--tokens 1576] [--dim 384] [--degree 8] [--reps 20] [--threads N]
 
 ViT-S/16 shapes by default (batch 8 x 197 tokens, D = 384, degree 8), float32 eager on CPU.
 """
@@ -20,7 +20,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=1576)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--degree", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:

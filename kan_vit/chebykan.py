@@ -7,8 +7,8 @@ Two formulations compute the same function:
 
 * `cheby_kan_reference`: stack T_0..T_K into an (..., in, K+1) tensor and contract it with an
   einsum. Autograd keeps the whole basis alive for backward (about (K+3)*in floats per token).
-* `cheby_kan` (the default): an autograd Function that saves only t = tanh(x) and recomputes
-  the basis in backward; dL/dt = sum_k dL/dT_k * k U_(k-1)(t) is summed by Clenshaw's
+* `cheby_kan` (the default): an autograd Function that saves only its input x and recomputes
+  tanh and the basis in backward; dL/dt = sum_k dL/dT_k * k U_(k-1)(t) is summed by Clenshaw's
   recurrence. T_0 = 1 is folded into a constant (sum_i C[i, :, 0]), so the GEMM has K*in
   columns: exactly the FLOPs of a 4x MLP at K = 8.
 """
@@ -33,29 +33,41 @@ def cheby_kan_reference(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Te
 
 def _writes_in_place(t: torch.Tensor) -> bool:
     """Eager: recurrences write into slices of one buffer (no temporaries, no concatenation).
-    XLA: fresh tensors and one cat instead; slice updates made its graph 2.6x larger (595 vs 229
-    HLO instructions for one layer's forward + backward, benchmarks/kan_xla.py)."""
+    XLA: fresh tensors and one cat instead; slice updates made its graph 2.6x larger (720 vs 275
+    HLO instructions for one layer's forward + backward, counted as in benchmarks/kan_xla.py)."""
     return t.device.type != "xla"
 
 
-def _basis_signs(degree: int) -> list[float]:
-    """sigma_1..sigma_K = +, -, -, +, +, -, -, ... (sigma_k = -sigma_(k-2), sigma_0 = sigma_1 = 1)."""
-    return [1.0 if k % 4 in (0, 1) else -1.0 for k in range(1, degree + 1)]
+def _sign(j):
+    """sigma_j = +, +, -, -, +, +, ... for j = 0, 1, 2, ... (sigma_j = -sigma_(j-2)); ints or tensors."""
+    return 1 - (j & 2)
 
 
-def _row_scale(degree: int, kind: str, dtype: torch.dtype, device) -> torch.Tensor:
-    """k ("degree") or sigma_k ("sign", as `_basis_signs`) for k = 1..K, built on the device
-    (an iota on XLA: no host-to-device upload per step)."""
-    k = torch.arange(1, degree + 1, device=device)
-    return (k if kind == "degree" else 1 - 2 * (k % 4 // 2)).to(dtype)
+def _weight_maps(degree: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """diag(sigma_0..sigma_K) and diag(0..K): (K+1, K+1) maps from the coefficients' k axis to
+    the row blocks of a GEMM weight (`_gemm_weight`).
+
+    signed: block k is sigma_k C[:, :, k], matching the signed basis (block 0 is C[:, :, 0]).
+    scaled: block k is k C[:, :, k], so the backward GEMM gives k dL/dT_k.
+    Built from an iota on the device: constant-folded by XLA, no host-to-device upload per step.
+    """
+    k = torch.arange(degree + 1, device=device)
+    eye = k.view(-1, 1) == k
+    return (eye * _sign(k)).to(dtype), (eye * k).to(dtype)
+
+
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    """t = tanh(x) in float32 at least (float64 stays float64): the basis is never built in bf16.
+    A fresh contiguous tensor: CPU tanh into a strided slice is 2x slower than tanh + copy."""
+    return torch.tanh(x.to(torch.promote_types(x.dtype, torch.float32)))
 
 
 def _chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
-    """sigma_k T_k(t) for k = 1..K, as one (N, K * D) k-major matrix (the GEMM operand).
+    """R_k = sigma_k T_k(t) for k = 1..K, as one (N, K * D) k-major matrix (the GEMM operand).
 
-    With R_k = sigma_k T_k the recurrence T_k = 2t T_(k-1) - T_(k-2) becomes
+    With the signs the recurrence T_k = 2t T_(k-1) - T_(k-2) becomes
     R_k = R_(k-2) + 2 sigma_k sigma_(k-1) t R_(k-1): one addcmul (one element-wise pass) per k.
-    The signs are undone in the GEMM weight (`_gemm_weight` with `_row_scale(K, "sign", ...)`).
+    The signs are undone in the GEMM weight (`_weight_maps`).
     """
     n, d = t.shape
     buffer = t.new_empty(n, degree * d) if _writes_in_place(t) else None
@@ -64,80 +76,74 @@ def _chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
         return None if buffer is None else buffer[:, (k - 1) * d : k * d]
 
     polys = [t.new_ones(()), t if buffer is None else slot(1).copy_(t)]  # R_0 = 1, R_1 = t
-    signs = [1.0] + _basis_signs(degree)
+    signs = [_sign(k) for k in range(degree + 1)]
     for k in range(2, degree + 1):
         value = 2 * signs[k] * signs[k - 1]
         polys.append(torch.addcmul(polys[k - 2], t, polys[k - 1], value=value, out=slot(k)))
     return torch.cat(polys[1:], dim=1) if buffer is None else buffer
 
 
-def _gemm_weight(coefficients: torch.Tensor, dtype: torch.dtype, row_scale: torch.Tensor) -> torch.Tensor:
-    """C[:, :, 1:] as a (K * in, out) matrix whose rows match `_chebyshev_basis`'s columns,
-    row block k multiplied by row_scale[k - 1]."""
+def _gemm_weight(coefficients: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """sum_k C[:, :, k] mix[k, m] for each column m of `mix`, as a (columns * in, out) matrix of
+    row blocks.
+
+    One small GEMM (inner size K+1) that also does the layout change (in, out, K+1) -> (K+1, in, out):
+    BLAS reads the coefficients through a transposed view instead of a strided gather.
+    """
     d_in, d_out, k1 = coefficients.shape
-    blocks = coefficients[:, :, 1:].permute(2, 0, 1)
-    scale = row_scale.view(-1, 1, 1)
-    if _writes_in_place(coefficients):  # gather, scale and cast in one pass into a contiguous matrix
-        weight = torch.mul(blocks, scale, out=blocks.new_empty(blocks.shape, dtype=dtype))
-    else:
-        weight = blocks.to(dtype) * scale
-    return weight.reshape((k1 - 1) * d_in, d_out)
+    flat = coefficients.to(mix.dtype).reshape(d_in * d_out, k1)
+    return torch.mm(mix.t(), flat.t()).view(-1, d_out)
 
 
 class _ChebyKANFunction(torch.autograd.Function):
-    """Saves only t = tanh(x) (in floats per token); recomputes the basis in backward."""
+    """Saves only its input x (in floats per token); recomputes tanh and the basis in backward."""
 
     @staticmethod
     def forward(ctx, x, coefficients, compute_dtype):
         d_in, d_out, k1 = coefficients.shape
-        basis_dtype = torch.promote_types(x.dtype, torch.float32)  # basis always >= fp32
-        t = torch.tanh(x.reshape(-1, d_in).to(basis_dtype))
-        basis = _chebyshev_basis(t, k1 - 1).to(compute_dtype)
-        const = coefficients[:, :, 0].sum(0).to(compute_dtype)  # T_0 = 1 term
-        signs = _row_scale(k1 - 1, "sign", compute_dtype, x.device)
-        y = torch.addmm(const, basis, _gemm_weight(coefficients, compute_dtype, signs))
-        ctx.save_for_backward(t, coefficients)
+        basis = _chebyshev_basis(_tanh(x.reshape(-1, d_in)), k1 - 1).to(compute_dtype)
+        signed, _ = _weight_maps(k1 - 1, compute_dtype, x.device)
+        weight = _gemm_weight(coefficients, signed)
+        # T_0 = 1 term: sum_i C[i, :, 0], accumulated in float32 at least (XLA sums bf16 in bf16)
+        const = weight[:d_in].sum(0, dtype=torch.promote_types(compute_dtype, torch.float32))
+        y = torch.addmm(const.to(compute_dtype), basis, weight[d_in:])
+        ctx.save_for_backward(x, coefficients)
         ctx.compute_dtype = compute_dtype
-        ctx.x_dtype = x.dtype
         return y.reshape(*x.shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx, grad_y):
-        t, coefficients = ctx.saved_tensors
+        x, coefficients = ctx.saved_tensors
         d_in, d_out, k1 = coefficients.shape
         degree = k1 - 1
         cd = ctx.compute_dtype
-        out_shape = grad_y.shape[:-1] + (d_in,)
         grad_y = grad_y.reshape(-1, d_out).to(cd)
-        grad_x = grad_c = None
+        signed, scaled = _weight_maps(degree, cd, x.device)
+        need_x, need_c = ctx.needs_input_grad[:2]
+        t = _tanh(x.reshape(-1, d_in))
+        grad_x = grad_c = basis = None
 
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(_chebyshev_basis(t, degree).to(cd).t(), grad_y)  # sigma_k dL/dC_k
-            signs = _row_scale(degree, "sign", cd, grad_w.device).view(degree, 1, 1)
-            grad_c = torch.cat(
-                [
-                    grad_y.sum(0).expand(d_in, d_out).unsqueeze(-1),  # T_0 = 1
-                    (grad_w.view(degree, d_in, d_out) * signs).permute(1, 2, 0),
-                ],
-                dim=-1,
-            ).to(coefficients.dtype)
+        if need_c:
+            basis = _chebyshev_basis(t, degree).to(cd)
+            grad_w = torch.mm(basis.t(), grad_y)  # block k-1: sigma_k dL/dC[:, :, k]
+            # back to (in, out, K+1) by one small GEMM; column k = 0 is the T_0 = 1 term
+            grad_c = torch.mm(grad_w.view(degree, d_in * d_out).t(), signed[1:]).view(d_in, d_out, k1)
+            grad_c[:, :, 0] = grad_y.sum(0, dtype=torch.promote_types(cd, torch.float32))
+            grad_c = grad_c.to(coefficients.dtype)
 
-        if ctx.needs_input_grad[0]:
+        if need_x:
             # a_m = (m + 1) dL/dT_(m+1); dL/dt = sum_m a_m U_m(t), summed by Clenshaw's recurrence
             # b_m = a_m + 2t b_(m+1) - b_(m+2), dL/dt = b_0, in place over the GEMM's output.
-            degrees = _row_scale(degree, "degree", cd, t.device)
-            a = torch.mm(grad_y, _gemm_weight(coefficients, cd, degrees).t()).to(t.dtype)
+            in_place = _writes_in_place(x)
+            reuse = basis if in_place else None  # dead after grad_w: one large buffer per backward
+            a = torch.mm(grad_y, _gemm_weight(coefficients, scaled[:, 1:]).t(), out=reuse).to(t.dtype)
             b = list(a.split(d_in, dim=1))
-            in_place = _writes_in_place(t)
-            if degree >= 2:
-                two_t = t + t
-                for m in range(degree - 2, -1, -1):
-                    b[m] = torch.addcmul(b[m], two_t, b[m + 1], out=b[m] if in_place else None)
-                    if m + 2 < degree:
-                        b[m].sub_(b[m + 2])
-            grad_t = b[0]
-            grad_x = torch.addcmul(grad_t, grad_t * t, t, value=-1)  # dt/dx = 1 - t^2
-            grad_x = grad_x.to(ctx.x_dtype).reshape(out_shape)
+            for m in range(degree - 2, -1, -1):
+                b[m] = torch.addcmul(b[m], t, b[m + 1], value=2, out=b[m] if in_place else None)
+                if m + 2 < degree:
+                    b[m] = b[m].sub_(b[m + 2]) if in_place else b[m] - b[m + 2]
+            grad_x = torch.ops.aten.tanh_backward(b[0], t)  # dt/dx = 1 - t^2
+            grad_x = grad_x.to(x.dtype).reshape(x.shape)
 
         return grad_x, grad_c, None
 
