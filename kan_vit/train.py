@@ -239,9 +239,8 @@ def _seed_replica(cfg: Config, rank: int) -> None:
     random.seed(seed)
 
 
-def _checkpoint(state: TrainState, cfg: Config, metrics: dict, rng: dict) -> dict:
-    """A weights_only-loadable checkpoint; every replica's `rng` state is gathered (collective)."""
-    rng = xm.mesh_reduce("rng_states", rng, list)
+def _checkpoint(state: TrainState, cfg: Config, metrics: dict, rng: list) -> dict:
+    """A weights_only-loadable checkpoint; `rng` holds every replica's RNG state."""
     return {
         "model": checkpoint.to_cpu(state.model.state_dict()),
         "optimizer": checkpoint.to_cpu(state.optimizer.state_dict()),
@@ -333,12 +332,14 @@ def train(cfg: Config) -> dict:
         improved = metrics["val/acc1"] > state.best_acc1
         state.best_acc1 = max(state.best_acc1, metrics["val/acc1"])
         rng = _rng_state()
-        ckpt = _checkpoint(state, cfg, metrics, rng)
-        if master:
+        all_rng = xm.mesh_reduce("rng_states", rng, list)  # a collective: every replica takes part
+        if master:  # only the writer copies the model and optimizer state to the host
+            ckpt = _checkpoint(state, cfg, metrics, all_rng)
+            flax_params = timm_to_flax(ckpt["model"], cfg.model.heads) if cfg.run.export_flax else None
             for target in ([BEST, LAST] if improved else [LAST]):
                 checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, target))
-                if cfg.run.export_flax:
-                    _export_flax(ckpt["model"], cfg, target)
+                if flax_params is not None:
+                    _export_flax(flax_params, cfg, target)
         _set_rng_state(rng)  # continue from exactly the state a resumed run restores
     logger.close()
     return metrics
@@ -356,11 +357,10 @@ class LazyStart:
         yield from self.loader
 
 
-def _export_flax(state_dict: dict, cfg: Config, target: str) -> None:
+def _export_flax(flax_params: dict, cfg: Config, target: str) -> None:
     """The checkpoint's weights in the original's format: {run.name}-best/last.msgpack."""
     kind = os.path.splitext(target)[0]
-    path = os.path.join(cfg.run.output_dir, f"{cfg.run.name or 'kan_vit'}-{kind}.msgpack")
-    save_flax(timm_to_flax(state_dict, cfg.model.heads), path)
+    save_flax(flax_params, os.path.join(cfg.run.output_dir, f"{cfg.run.name or 'kan_vit'}-{kind}.msgpack"))
 
 
 def _diverged_message(step: int, cfg: Config) -> str:
