@@ -16,6 +16,8 @@ from typing import Optional
 
 import yaml
 
+from .checkpoint import atomic_outputs
+
 
 @dataclass
 class DataConfig:
@@ -289,5 +291,7 @@ def validate(cfg: Config, world_size: int) -> None:
 
 
 def save(cfg: Config, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        yaml.safe_dump(to_dict(cfg), file, sort_keys=False)
+    """Write the resolved config as YAML atomically (a crash leaves the previous file intact)."""
+    with atomic_outputs(path) as (tmp,):
+        with open(tmp, "w", encoding="utf-8") as file:
+            yaml.safe_dump(to_dict(cfg), file, sort_keys=False)

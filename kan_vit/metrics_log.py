@@ -12,6 +12,7 @@ import time
 
 from tqdm import tqdm
 
+from .checkpoint import atomic_outputs
 from .config import Config, to_dict
 
 METRICS_FILE = "metrics.jsonl"
@@ -79,8 +80,10 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def _truncate_after(path: str, step: int) -> None:
+    """Drop the records after `step`, atomically: a crash here keeps the whole old file."""
     if not os.path.exists(path):
         return
     kept = [record for record in read_metrics(path) if record["step"] <= step]
-    with open(path, "w", encoding="utf-8") as file:
-        file.writelines(json.dumps(record) + "\n" for record in kept)
+    with atomic_outputs(path) as (tmp,):
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.writelines(json.dumps(record) + "\n" for record in kept)

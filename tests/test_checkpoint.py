@@ -51,3 +51,31 @@ def test_to_cpu_copies_nested_tensors():
     out = checkpoint.to_cpu(tree)
     assert out["b"] == "x" and out["a"][1][1] == 3 and isinstance(out["a"][1], tuple)
     assert not out["a"][0].requires_grad
+
+
+def test_interrupted_metrics_truncation_keeps_the_log(tmp_path, monkeypatch):
+    """Resuming rewrites metrics.jsonl without the records after the checkpoint; a crash while
+    rewriting must not lose the records before it."""
+    import json
+
+    from kan_vit import metrics_log
+
+    path = tmp_path / metrics_log.METRICS_FILE
+    original = "".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (10, 20, 30))
+    path.write_text(original)
+    written = []
+
+    def dumps_then_crash(record):
+        if written:
+            raise OSError("disk full")
+        written.append(record)
+        return json.dumps(record)
+
+    monkeypatch.setattr(metrics_log.json, "dumps", dumps_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        metrics_log._truncate_after(str(path), 20)
+    monkeypatch.undo()
+    assert path.read_text() == original
+    assert sorted(os.listdir(tmp_path)) == [metrics_log.METRICS_FILE]
+    metrics_log._truncate_after(str(path), 20)
+    assert [r["step"] for r in metrics_log.read_metrics(str(path))] == [10, 20]
