@@ -268,7 +268,7 @@ def _worker():
 class _TrainBatches(IterableDataset):
     """Infinite fixed-size micro-batches; logical worker w makes batches w, w + W, w + 2W, ..."""
 
-    def __init__(self, items, cfg, world_size: int, rank: int, start_batch: int, batch_size: int):
+    def __init__(self, items, cfg, rank: int, start_batch: int, batch_size: int):
         self.items, self.cfg, self.rank, self.start_batch, self.batch_size = items, cfg, rank, start_batch, batch_size
 
     def __iter__(self):
@@ -312,7 +312,7 @@ def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0
         urls = expand_urls(_source(cfg, "train"))
         items = partial(_shard_items, urls, cfg, world_size, rank)  # picklable: spawn-started workers
     workers = cfg.data.train_loader_workers
-    return DataLoader(_TrainBatches(items, cfg, world_size, rank, start_batch, batch_size),
+    return DataLoader(_TrainBatches(items, cfg, rank, start_batch, batch_size),
                       batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
 
