@@ -22,7 +22,6 @@ import os
 import random
 import tarfile
 import warnings
-from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
@@ -36,30 +35,12 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from .demo_digits import prepare_demo_digits
+from .seeding import derive_seed, seeded_host_rngs
 from .transforms import train_transform, valid_transform
 
 SKIP = None  # an item that stands for one dropped sample
 _SHUFFLE_BUFFER, _SHUFFLE_INITIAL = 1000, 100  # webdataset's defaults, as the original used
 _DECODE_ERRORS = (KeyError, ValueError, OSError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-def _seed(*words: int) -> int:
-    return int(np.random.SeedSequence(words).generate_state(1)[0])
-
-
-@contextmanager
-def _seeded(seed: int):
-    """Seed python/numpy/torch-CPU global RNGs (timm and torchvision draw from them), restore after."""
-    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
-        torch.set_rng_state(state[2])
 
 
 def _is_remote(url: str) -> bool:
@@ -198,7 +179,7 @@ def _shard_items(urls, cfg, world_size, rank, worker, num_workers):
     groups, (group, j) = world_size // k, divmod(rank, k)
     shards = itertools.islice(_shard_cycle(urls, seed), group + worker * groups, None, groups * num_workers)
     records = _stream_records(shards, len(urls))
-    rng = random.Random(_seed(seed, 0, group, worker))
+    rng = random.Random(derive_seed(seed, 0, group, worker))
     for i, record in enumerate(wds.shuffle(_SHUFFLE_BUFFER, _SHUFFLE_INITIAL, rng=rng)(records)):
         positions = [v for v in range(i * repeats, (i + 1) * repeats) if v % k == j]
         if not positions:
@@ -218,7 +199,7 @@ def _folder_items(dataset, cfg, world_size, rank, worker, num_workers):
 
     def indices():
         for epoch in itertools.count():
-            sampler.set_epoch(_seed(seed, epoch))  # the sampler seeds its permutation by epoch alone: fold in the seed
+            sampler.set_epoch(derive_seed(seed, epoch))  # the sampler seeds its permutation by epoch alone: fold in the seed
             for p, index in enumerate(sampler):  # owner: this replica holds copy 0 of the image
                 yield index, (rank + p * world_size) % repeats == 0
 
@@ -284,7 +265,7 @@ class _TrainBatches(IterableDataset):
                 continue
             image, label, v = item
             if t >= self.start_batch:  # batches before start_batch are only counted through, not augmented
-                with _seeded(_seed(seed, 1, self.rank, worker, v)):
+                with seeded_host_rngs(derive_seed(seed, 1, self.rank, worker, v)):
                     image = transform(image)
             batch.append((image, label))
             if len(batch) < self.batch_size:

@@ -15,10 +15,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 from dataclasses import dataclass
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -28,12 +26,13 @@ import torch_xla.distributed.parallel_loader as pl
 import torch_xla.runtime as xr
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from . import checkpoint
+from . import checkpoint, cpu_replicas
 from .config import Config, from_dict, load, save as save_config, to_dict, validate
 from .convert import save_flax, timm_to_flax
 from .data import check_dataset, create_train_loader, create_valid_loader
 from .metrics_log import RunLogger
 from .optim import create_optimizer, lr_at, set_lr
+from .seeding import seeded_host_rngs
 
 _logger = logging.getLogger(__name__)
 
@@ -69,14 +68,14 @@ def load_checked_config(path: str, overrides: list[str]) -> Config:
 def build_model(cfg: Config) -> torch.nn.Module:
     """The configured model on the host; parameters from model.init_seed, identical on all replicas."""
     m = cfg.model
-    torch.manual_seed(m.init_seed)
-    model = timm.create_model(
-        "kan_vit_base_patch16_224" if m.use_kan else "deit_jax_base_patch16_224",
-        num_classes=m.labels, img_size=m.image_size, patch_size=m.patch_size, embed_dim=m.dim,
-        depth=m.layers, num_heads=m.heads, use_kan=m.use_kan, polynomial_degree=m.polynomial_degree,
-        posemb=m.posemb, pooling=m.pooling, layerscale=m.layerscale, dropout=m.dropout,
-        drop_path_rate=m.droppath,
-    )
+    with seeded_host_rngs(m.init_seed):
+        model = timm.create_model(
+            "kan_vit_base_patch16_224" if m.use_kan else "deit_jax_base_patch16_224",
+            num_classes=m.labels, img_size=m.image_size, patch_size=m.patch_size, embed_dim=m.dim,
+            depth=m.layers, num_heads=m.heads, use_kan=m.use_kan, polynomial_degree=m.polynomial_degree,
+            posemb=m.posemb, pooling=m.pooling, layerscale=m.layerscale, dropout=m.dropout,
+            drop_path_rate=m.droppath,
+        )
     if m.pretrained_ckpt:
         from .pretrained import load_pretrained
 
@@ -135,6 +134,17 @@ def _per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, criterion: str
 
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return xm.all_reduce(xm.REDUCE_SUM, tensor) if xr.world_size() > 1 else tensor
+
+
+def _all_gather_ints(values: list[int]) -> list[list[int]]:
+    """Every replica's `values` (ints in [0, 2**63)), in replica order. A collective that syncs:
+    every replica must call it at the same point."""
+    local = torch.tensor(values, dtype=torch.int64, device=torch_xla.device())
+    if xr.world_size() > 1:
+        # pin_layout=False: the pinned-layout all-gather pads by ordinal, a graph that differs per replica
+        local = xm.all_gather(local, pin_layout=False)
+    torch_xla.sync()  # read the result only after its graph ran
+    return local.cpu().view(xr.world_size(), len(values)).tolist()
 
 
 def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunLogger | None = None) -> None:
@@ -203,40 +213,36 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
                              (top.any(-1) & valid).sum().float(), valid.sum().float(), num_skipped.float()])
         sums = batch if sums is None else sums + batch
         torch_xla.sync()
-    loss_sum, correct1, correct5, count, skipped = _all_reduce_sum(sums).cpu().double().tolist()
+    sums = _all_reduce_sum(sums)
+    torch_xla.sync()  # read the reduced sums only after their graph ran
+    loss_sum, correct1, correct5, count, skipped = sums.cpu().double().tolist()
     return {"val/loss": loss_sum / count, "val/acc1": correct1 / count, "val/acc5": correct5 / count,
             "val/count": int(count), "val/skipped": int(skipped)}
 
 
 # --- Checkpoints and resume --------------------------------------------------------------------
 
-def _rng_state() -> dict:
-    """This replica's RNG states: XLA device (dropout/droppath), torch CPU, numpy, python."""
-    np_state = np.random.get_state()
-    return {"xla": int(xm.get_rng_state(torch_xla.device())), "torch": torch.get_rng_state(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": random.getstate()}
+# The device RNG (dropout, drop-path) is the only RNG the loop draws from: host-side randomness
+# (augmentation, mixup) is seeded from the data position, so these states make resume exact.
+
+def _device_rng_seed() -> int:
+    return int(xm.get_rng_state(torch_xla.device()))
 
 
-def _set_rng_state(state: dict) -> None:
+def _gather_device_rng_states() -> list[dict]:
+    """Every replica's device RNG state, in replica order (a collective)."""
+    seed = _device_rng_seed()
+    halves = _all_gather_ints([seed >> 32, seed & 0xFFFFFFFF])  # a uint64 does not fit an int64
+    return [{"xla": high << 32 | low} for high, low in halves]
+
+
+def _set_device_rng_state(state: dict) -> None:
     xm.set_rng_state(state["xla"], torch_xla.device())
-    torch.set_rng_state(state["torch"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(_as_tuples(state["python"]))
-
-
-def _as_tuples(value):
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _seed_replica(cfg: Config, rank: int) -> None:
     """model.dropout_seed + replica index for dropout/droppath (the original's per-process seed)."""
-    seed = cfg.model.dropout_seed + rank
-    xm.set_rng_state(seed, torch_xla.device())
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    xm.set_rng_state(cfg.model.dropout_seed + rank, torch_xla.device())
 
 
 def _checkpoint(state: TrainState, cfg: Config, metrics: dict, rng: list) -> dict:
@@ -262,9 +268,13 @@ def _restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
     state.loss_sum = ckpt["meters"]["loss_sum"].to(device)
     state.skipped = ckpt["meters"]["skipped"].to(device)
     if len(ckpt["rng"]) != xr.world_size():
-        raise ValueError(f"the checkpoint was written by {len(ckpt['rng'])} replicas, this run has "
-                         f"{xr.world_size()}: resume with the same number of devices, or set run.resume=never")
-    _set_rng_state(ckpt["rng"][xr.global_ordinal()])
+        raise ValueError(_replica_count_message(len(ckpt["rng"]), xr.world_size()))
+    _set_device_rng_state(ckpt["rng"][xr.global_ordinal()])
+
+
+def _replica_count_message(written_by: int, replicas: int) -> str:
+    return (f"the checkpoint was written by {written_by} replicas, this run has {replicas}: resume with the "
+            "same number of devices, or set run.resume=never")
 
 
 def resume_path(cfg: Config) -> str | None:
@@ -275,6 +285,17 @@ def resume_path(cfg: Config) -> str | None:
         path = os.path.join(cfg.run.output_dir, LAST)
         return path if os.path.exists(path) else None
     return cfg.run.resume
+
+
+def check_resume(cfg: Config, world_size: int) -> None:
+    """Before spawning: the checkpoint to resume from (if any) was written by `world_size` replicas.
+    Reads only the checkpoint's small entries (memory-mapped); raises ValueError otherwise."""
+    path = resume_path(cfg)
+    if path is None:
+        return
+    written_by = len(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["rng"])
+    if written_by != world_size:
+        raise ValueError(f"{path}: {_replica_count_message(written_by, world_size)}")
 
 
 # --- The loop ----------------------------------------------------------------------------------
@@ -291,8 +312,8 @@ def train(cfg: Config) -> dict:
     state = build_state(cfg, device)
     path = resume_path(cfg)
     ckpt = checkpoint.load(path) if path is not None else None
-    # A collective (it syncs, advancing the device RNG): before any RNG state is set.
-    steps = xm.mesh_reduce("resume_step", ckpt["step"] if ckpt is not None else 0, list)
+    # A collective: before any RNG state is set.
+    steps = [step for (step,) in _all_gather_ints([ckpt["step"] if ckpt is not None else 0])]
     if len(set(steps)) > 1:  # e.g. output_dir on each host's local disk: only host 0 sees last.pth
         raise RuntimeError(f"replicas would resume at different steps {sorted(set(steps))}: put "
                            "run.output_dir on storage every host sees (or set run.resume=never)")
@@ -331,8 +352,7 @@ def train(cfg: Config) -> dict:
         # includes its evaluation, so a resumed run repeats exactly what an uninterrupted one does.
         improved = metrics["val/acc1"] > state.best_acc1
         state.best_acc1 = max(state.best_acc1, metrics["val/acc1"])
-        rng = _rng_state()
-        all_rng = xm.mesh_reduce("rng_states", rng, list)  # a collective: every replica takes part
+        all_rng = _gather_device_rng_states()  # a collective: every replica takes part
         if master:  # only the writer copies the model and optimizer state to the host
             ckpt = _checkpoint(state, cfg, metrics, all_rng)
             flax_params = timm_to_flax(ckpt["model"], cfg.model.heads) if cfg.run.export_flax else None
@@ -340,7 +360,7 @@ def train(cfg: Config) -> dict:
                 checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, target))
                 if flax_params is not None:
                     _export_flax(flax_params, cfg, target)
-        _set_rng_state(rng)  # continue from exactly the state a resumed run restores
+        _set_device_rng_state(all_rng[rank])  # continue from exactly the state a resumed run restores
     logger.close()
     return metrics
 
@@ -376,8 +396,22 @@ def _mp_fn(index: int, cfg_dict: dict) -> None:
     train(cfg)
 
 
-def launch(cfg: Config) -> None:
-    """One process per device on this host (xmp.spawn); the config travels as a plain dict."""
+def _run_replica(index: int, fn, *args) -> None:
+    if cpu_replicas.threaded_replicas(xr.device_type(), xr.world_size()):
+        cpu_replicas.serialize_compilations()
+    fn(index, *args)
+
+
+def spawn(fn, args: tuple) -> None:
+    """fn(index, *args) on every device of this host through xmp.spawn (one process per TPU chip;
+    on CPU one process whose replicas are threads); `fn` must be a module-level function."""
     import torch_xla.distributed.xla_multiprocessing as xmp
 
-    xmp.spawn(_mp_fn, args=(to_dict(cfg),))
+    if cpu_replicas.threaded_replicas(xr.device_type(), expected_world_size()):
+        cpu_replicas.prepare_spawn(expected_world_size())
+    xmp.spawn(_run_replica, args=(fn, *args))
+
+
+def launch(cfg: Config) -> None:
+    """Train on every device of this host; the config travels as a plain dict."""
+    spawn(_mp_fn, (to_dict(cfg),))

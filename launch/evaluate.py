@@ -15,7 +15,7 @@ import sys
 
 from kan_vit.config import ConfigError, from_dict, to_dict
 from kan_vit.pretrained import load_weights
-from kan_vit.train import build_model, load_checked_config
+from kan_vit.train import build_model, load_checked_config, spawn
 
 
 def _model(cfg, checkpoint: str):
@@ -56,9 +56,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    import torch_xla.distributed.xla_multiprocessing as xmp
-
-    xmp.spawn(_mp_fn, args=(to_dict(cfg), args.checkpoint))
+    spawn(_mp_fn, (to_dict(cfg), args.checkpoint))
     return 0
 
 

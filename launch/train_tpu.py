@@ -14,7 +14,7 @@ import sys
 import yaml
 
 from kan_vit.config import ConfigError, to_dict
-from kan_vit.train import DivergenceError, launch, load_checked_config
+from kan_vit.train import DivergenceError, check_resume, expected_world_size, launch, load_checked_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_checked_config(args.config, args.set)
+        check_resume(cfg, expected_world_size())
     except (ConfigError, ValueError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
