@@ -75,7 +75,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
         num_classes=m.labels, img_size=m.image_size, patch_size=m.patch_size, embed_dim=m.dim,
         depth=m.layers, num_heads=m.heads, use_kan=m.use_kan, polynomial_degree=m.polynomial_degree,
         posemb=m.posemb, pooling=m.pooling, layerscale=m.layerscale, dropout=m.dropout,
-        drop_path_rate=m.droppath,
+        drop_path_rate=m.droppath, drop_path_schedule="constant",  # the original's: one rate in every block
     )
     if m.pretrained_ckpt:
         from .pretrained import load_pretrained

@@ -58,7 +58,24 @@ def test_layer_decay_factors_toy_vit():
     assert {s for n, s in scales.items() if n.startswith("blocks.1.")} == {0.5}
 
 
-def test_bad_arguments_raise():
+@pytest.mark.parametrize("name,layerscale", [("kan_vit_tiny_patch16_224", False), ("deit_jax_tiny_patch16_224", True)])
+def test_timm_create_optimizer_v2_gives_the_trainers_groups(name, layerscale):
+    """timm's own factory, through no_weight_decay() and group_matcher(), builds the same
+    (lr_scale, weight_decay) partition of the parameters as the trainer."""
+    model = timm.create_model(name, depth=3, img_size=32, embed_dim=32, num_heads=2, num_classes=5,
+                              layerscale=layerscale)
+
+    def merged(groups):  # {(lr_scale, weight_decay): param ids}; timm may split a pair over groups
+        out = {}
+        for g in groups:
+            out.setdefault((round(g["lr_scale"], 12), g["weight_decay"]), set()).update(map(id, g["params"]))
+        return out
+
+    timm_opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    ours = merged(param_groups(model, weight_decay=0.05, lr_decay=0.5))
+    assert merged(timm_opt.param_groups) == ours
+    assert len(ours) == 8  # layer ids 0..3 (embedding, blocks 0 and 1, block 2 + norm + head) x decayed or not
+
     model = toy_vit()
     with pytest.raises(ValueError, match="lr_decay"):
         param_groups(model, 0.05, 0.0)
