@@ -64,6 +64,7 @@ def test_no_recompilation_or_cpu_fallback_after_the_first_steps(tmp_path):
     for record in records:  # the lr of the logged update, from the schedule's closed form
         assert record["train/lr"] == pytest.approx(lr_at(record["step"] - 1, 1e-3 * 3, 3, 20), rel=1e-5)
         assert np.isfinite(record["train/loss"]) and record["data/skipped"] == 0
+        assert 0.0 <= record["train/acc1"] <= record["train/acc5"] <= 1.0
 
 
 def _fixed_batch(n, labels, size, seed=0):
@@ -77,6 +78,33 @@ def _fixed_batch(n, labels, size, seed=0):
 def _deterministic_cfg(tmp_path, accum):
     return load(DEMO, tiny_overrides(tmp_path) + [f"optim.grad_accum={accum}", "model.droppath=0.0",
                                                  "data.train_batch_size=16"])
+
+
+def test_train_accuracy_is_the_original_top_k_within_the_target_maximum(tmp_path):
+    """Targets built from the model's own ranking before each update: a row hits top-1 when its
+    target's maximum (ties included) is the predicted class, top-5 when it is among the five best."""
+    cfg = load(DEMO, tiny_overrides(tmp_path) + ["model.droppath=0.0", "schedule.log_interval=2"])
+    device = torch_xla.device()
+    state = train.build_state(cfg, device)
+    logger = RunLogger(cfg, master=True, start_step=0)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    gen = torch.Generator().manual_seed(0)
+    # per row: the target's maximum at these ranks of the prediction (two ranks: a tie)
+    patterns = [[(0,), (3,), (7, 0), (8,)] * 4, [(3,)] * 8 + [(9, 5)] * 8]
+    expected = [(0.5, 0.75), (0.0, 0.5)]  # (acc1, acc5) of the two updates, 2 micro-batches of 8 each
+    for ranks_per_row in patterns:
+        images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
+        with torch.no_grad():
+            order = state.model(train._normalize(images)).cpu().argsort(-1, descending=True)
+        targets = torch.full((16, 10), 0.01)
+        for row, ranks in enumerate(ranks_per_row):
+            targets[row, order[row, list(ranks)]] += 0.9 / len(ranks)
+        micro = [(i, t.to(device), zero) for i, t in zip(images.chunk(2), targets.chunk(2))]
+        train.train_step(state, micro, cfg, logger)
+    record = read_metrics(str(tmp_path / "metrics.jsonl"))[-1]
+    assert record["step"] == 2
+    assert record["train/acc1"] == pytest.approx(np.mean([e[0] for e in expected]), abs=1e-6)
+    assert record["train/acc5"] == pytest.approx(np.mean([e[1] for e in expected]), abs=1e-6)
 
 
 def test_grad_accumulation_averages_micro_batches_into_one_update(tmp_path):
