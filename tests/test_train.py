@@ -287,6 +287,28 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
     assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "val/acc1" in r] == [8]
 
 
+def test_wandb_offline_resume_continues_the_stored_run_and_a_fresh_start_gets_a_new_one(tmp_path):
+    """Real wandb in offline mode: each run writes output_dir/wandb/offline-run-<time>-<id>/."""
+    cfg = load(DEMO, tiny_overrides(tmp_path) + ["run.wandb=offline", "run.project=kan-vit-test"])
+
+    def run(start_step):  # the trainer passes the resumed checkpoint's step (0: a fresh start)
+        logger = RunLogger(cfg, master=True, start_step=start_step)
+        run_id = logger.wandb.id
+        logger.train(start_step + 3, {"train/loss": 1.0, "train/lr": 1e-3})
+        logger.close()
+        return run_id
+
+    first = run(0)
+    resumed = run(3)  # e.g. resume=auto found last.pth at step 3
+    fresh = run(0)  # resume=never (or no checkpoint): a new run
+    assert first == resumed != fresh
+    assert (tmp_path / "wandb_id.txt").read_text().strip() == fresh
+    written = sorted(d.name.rsplit("-", 1)[1] for d in (tmp_path / "wandb").glob("offline-run-*"))
+    assert written == sorted([first, first, fresh])
+    for run_dir in (tmp_path / "wandb").glob("offline-run-*"):
+        assert (run_dir / f"run-{run_dir.name.rsplit('-', 1)[1]}.wandb").stat().st_size > 0
+
+
 def test_resume_setting_picks_the_checkpoint(tmp_path):
     cfg = load(DEMO, [f"run.output_dir={tmp_path}"])
     assert train.resume_path(cfg) is None  # auto, nothing there yet
