@@ -322,9 +322,10 @@ def train(cfg: Config) -> dict:
         logger.info(f"resuming from {path} at step {state.host_step}")
 
     start_batch = ckpt["train_batch"] if ckpt is not None else 0  # the stream continues where it stopped
+    local = xr.local_process_count()  # the loader workers in the config are per host
     train_loader = pl.MpDeviceLoader(LazyStart(create_train_loader(
-        cfg, world_size=world_size, rank=rank, start_batch=start_batch)), device)
-    valid_data, _ = create_valid_loader(cfg, world_size=world_size, rank=rank)
+        cfg, world_size=world_size, rank=rank, start_batch=start_batch, local_replicas=local)), device)
+    valid_data, _ = create_valid_loader(cfg, world_size=world_size, rank=rank, local_replicas=local)
     valid_loader = pl.MpDeviceLoader(LazyStart(valid_data), device)
     batches = iter(train_loader)
     s = cfg.schedule

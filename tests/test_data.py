@@ -201,6 +201,15 @@ def test_repeated_copies_land_on_different_replicas(unique_shards, world_size):
         assert (counts == repeats).sum() == (4 * m - repeats) // repeats + 1
 
 
+@pytest.mark.parametrize("per_host,local,expected", [(40, 4, 10), (40, 8, 5), (40, 1, 40), (3, 4, 1), (0, 4, 0)])
+def test_loader_workers_are_per_host_shared_by_the_local_replicas(unique_shards, per_host, local, expected):
+    """The recipes' 40 is the original's per-host figure: 4 chips -> 10 workers per process."""
+    cfg = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=local, per_replica=2, workers=per_host)
+    train = data.create_train_loader(cfg, world_size=local, rank=0, local_replicas=local)
+    valid, _ = data.create_valid_loader(cfg, world_size=local, rank=0, local_replicas=local)
+    assert train.num_workers == valid.num_workers == expected
+
+
 def test_shard_order_follows_shuffle_seed(unique_shards):
     cfg = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=2, per_replica=4)
     first = [_ids(data.create_train_loader(cfg, world_size=2, rank=r), 8)[0] for r in range(2)]
