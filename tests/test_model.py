@@ -144,7 +144,8 @@ def test_grad_checkpointing_same_gradients():
 ])
 def test_drop_path_schedule_rate_of_every_block(schedule, expected):
     def rates(model):
-        return [getattr(getattr(b, name), "drop_prob", 0.0) for b in model.blocks for name in ("drop_path1", "drop_path2")]
+        return [getattr(getattr(b, name), "drop_prob", 0.0)  # rate 0: an Identity
+                for b in model.blocks for name in ("drop_path1", "drop_path2")]
 
     kwargs = dict(img_size=32, depth=4, num_classes=7, drop_path_rate=0.1)
     model = timm.create_model("kan_vit_tiny_patch16_224", **kwargs, drop_path_schedule=schedule)

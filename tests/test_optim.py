@@ -103,7 +103,8 @@ ORIGINAL_LEAVES = {
     "mlp.kan.coefficients": ["ff/ChebyKAN_0/coefficients"],
     "mlp.fc1.weight": ["ff/w1/kernel"], "mlp.fc1.bias": ["ff/w1/bias"],
     "mlp.fc2.weight": ["ff/w2/kernel"], "mlp.fc2.bias": ["ff/w2/bias"],
-    "norm.weight": ["norm/scale"], "norm.bias": ["norm/bias"], "head.weight": ["head/kernel"], "head.bias": ["head/bias"],
+    "norm.weight": ["norm/scale"], "norm.bias": ["norm/bias"],
+    "head.weight": ["head/kernel"], "head.bias": ["head/bias"],
 }
 
 
@@ -253,6 +254,7 @@ def _train(device, name, steps, on_step=None):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "lamb"])
 def test_xla_lr_changes_add_no_compilation_or_fallback(name):
     torch_xla = pytest.importorskip("torch_xla")

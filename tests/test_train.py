@@ -80,6 +80,7 @@ def _deterministic_cfg(tmp_path, accum):
                                                  "data.train_batch_size=16"])
 
 
+@pytest.mark.slow
 def test_train_accuracy_is_the_original_top_k_within_the_target_maximum(tmp_path):
     """Targets built from the model's own ranking before each update: a row hits top-1 when its
     target's maximum (ties included) is the predicted class, top-5 when it is among the five best."""
@@ -107,6 +108,7 @@ def test_train_accuracy_is_the_original_top_k_within_the_target_maximum(tmp_path
     assert record["train/acc5"] == pytest.approx(np.mean([e[1] for e in expected]), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_averages_micro_batches_into_one_update(tmp_path):
     """Two micro-batches of 8 give the same update as one batch of 16 (mean loss, same gradient)."""
     device = torch_xla.device()
@@ -150,6 +152,7 @@ torch.save({"params": {k: v.cpu() for k, v in state.model.state_dict().items()},
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_over_4_devices_matches_one_device(tmp_path):
     """The same train_step/evaluate with the batch split over 4 (virtual CPU) devices under SPMD
     gives the full-batch result: the step's gradients and metrics are means/sums over the whole
@@ -184,6 +187,7 @@ DEMO_SHORT = ["schedule.training_steps=60", "schedule.eval_interval=30", "schedu
               "data.train_loader_workers=1", "data.valid_loader_workers=0", "run.export_flax=true"]
 
 
+@pytest.mark.slow
 def test_demo_short_run_learns_and_writes_its_files(tmp_path):
     """The launcher end to end (one spawned loader worker), then launch/evaluate.py on what it wrote."""
     out = tmp_path / "run"
@@ -233,6 +237,7 @@ def _resume_overrides(out):
                                   "model.layers=2", "model.dropout=0.1"]  # dropout: the RNG restore matters
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path):
     env = dict(os.environ, PJRT_DEVICE="CPU")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
@@ -272,6 +277,7 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path):
                 assert rb[key] == pytest.approx(value, abs=1e-6), (ra["step"], key)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """From update 10 (0-based index 9) the lr is inf: update 10's loss is still finite, the
     parameters it writes are not, so update 11 is the first with a non-finite loss."""
