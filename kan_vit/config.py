@@ -28,7 +28,9 @@ class DataConfig:
     valid_dataset_shards: Optional[str] = None
     train_batch_size: int = 2048  # global, over all replicas and grad_accum micro-batches
     valid_batch_size: int = 256  # global
-    train_loader_workers: int = 40  # per host process
+    # Per host, as the original (one process per host): each of the host's replicas (one process
+    # per chip) starts workers // local replicas of them, at least 1 (0: load in the process).
+    train_loader_workers: int = 40
     valid_loader_workers: int = 5
     shuffle_seed: int = 0
     cache_dir: Optional[str] = None  # new: where the demo shards are written (default ~/.cache/kan_vit)

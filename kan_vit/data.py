@@ -241,6 +241,12 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generat
     return images, targets * lam + targets[partner] * (1 - lam)
 
 
+def loader_workers(per_host: int, local_replicas: int) -> int:
+    """One process's loader workers: the config's per-host figure (the original's, one process per
+    host) shared by the host's replicas, at least 1 when any were asked for (0: load in-process)."""
+    return max(1, per_host // local_replicas) if per_host > 0 else 0
+
+
 def _worker():
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
@@ -278,9 +284,10 @@ class _TrainBatches(IterableDataset):
             batch, skipped, t = [], 0, t + num_workers
 
 
-def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0):
+def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0, local_replicas: int = 1):
     """Infinite iterable of (uint8 images (b, 3, S, S), float32 targets (b, labels), int64 num_skipped)
-    with b = train_batch_size // world_size // grad_accum, yielding batches start_batch, start_batch + 1, ..."""
+    with b = train_batch_size // world_size // grad_accum, yielding batches start_batch, start_batch + 1, ...
+    `local_replicas`: the processes on this host, which share data.train_loader_workers."""
     batch_size = cfg.data.train_batch_size // world_size // cfg.optim.grad_accum
     if batch_size < 1 or cfg.augment.augment_repeats < 1 or not cfg.model.labels:
         raise ValueError(f"train loader needs data.train_batch_size >= world_size * optim.grad_accum "
@@ -292,7 +299,7 @@ def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0
     else:
         urls = expand_urls(_source(cfg, "train"))
         items = partial(_shard_items, urls, cfg, world_size, rank)  # picklable: spawn-started workers
-    workers = cfg.data.train_loader_workers
+    workers = loader_workers(cfg.data.train_loader_workers, local_replicas)
     return DataLoader(_TrainBatches(items, cfg, rank, start_batch, batch_size),
                       batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
@@ -343,18 +350,20 @@ class _ValidBatches(IterableDataset):
             yield from self._batches(self.parts[p], self.planned[p], transform)
 
 
-def create_valid_loader(cfg, *, world_size: int, rank: int):
+def create_valid_loader(cfg, *, world_size: int, rank: int, local_replicas: int = 1):
     """(iterable of (uint8 images, int64 labels with -1 padding, int64 num_skipped), num_samples).
 
     Shards (or folder images) are dealt to replicas round-robin, then to loader workers; every
     replica yields the same number of batches of valid_batch_size // world_size (padding batches
     where it has fewer samples). num_samples counts this replica's samples, broken ones included:
     (labels != -1).sum() + sum(num_skipped) == num_samples. Shard sizes come from one read of all
-    validation shards here, so every replica knows every replica's batch count."""
+    validation shards here, so every replica knows every replica's batch count. `local_replicas`: the
+    processes on this host, which share data.valid_loader_workers."""
     batch_size = cfg.data.valid_batch_size // world_size
     if batch_size < 1:
         raise ValueError(f"data.valid_batch_size={cfg.data.valid_batch_size} is below world_size={world_size}")
-    num_parts = max(1, cfg.data.valid_loader_workers)
+    workers = loader_workers(cfg.data.valid_loader_workers, local_replicas)
+    num_parts = max(1, workers)
     if cfg.data.format == "imagefolder":
         units, samples = ImageFolder(cfg.data.valid_dataset_shards).samples, _folder_samples
         sizes = [1] * len(units)
@@ -367,7 +376,6 @@ def create_valid_loader(cfg, *, world_size: int, rank: int):
     planned = [[math.ceil(sum(sizes[u] for u in part) / batch_size) for part in rp] for rp in parts]
     mine = planned[rank]
     mine[0] += max(map(sum, planned)) - sum(mine)
-    workers = cfg.data.valid_loader_workers
     dataset = _ValidBatches([[units[u] for u in part] for part in parts[rank]], mine, samples, cfg, batch_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
     return loader, sum(sizes[u] for part in parts[rank] for u in part)

@@ -1,5 +1,7 @@
 """Run output on the global master: a tqdm bar, wandb (disabled | offline | online) and, always,
 `metrics.jsonl` in run.output_dir (one JSON object per log event, keys like "train/loss").
+A resumed run continues the wandb run whose id is stored in run.output_dir; a fresh one starts
+a new wandb run and stores its id.
 
 Values arrive as host numbers (the trainer reads device values in step closures); other
 replicas get a logger that does nothing, so the trainer calls it unconditionally.
@@ -16,6 +18,7 @@ from .checkpoint import atomic_outputs
 from .config import Config, to_dict
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id.txt"
 
 
 class RunLogger:
@@ -32,10 +35,19 @@ class RunLogger:
         if cfg.run.wandb != "disabled":
             import wandb
 
+            id_path = os.path.join(cfg.run.output_dir, WANDB_ID_FILE)
+            resume_id = None
+            if start_step > 0 and os.path.exists(id_path):  # resumed from a checkpoint: the same wandb run
+                with open(id_path, encoding="utf-8") as file:
+                    resume_id = file.read().strip()
             self.wandb = wandb.init(
                 project=cfg.run.project, name=cfg.run.name, config=to_dict(cfg), mode=cfg.run.wandb,
-                dir=cfg.run.output_dir, resume="allow", id=cfg.run.name,
+                dir=cfg.run.output_dir, id=resume_id, resume="allow" if resume_id else None,
             )
+            if resume_id is None:  # a new run: its id for the next resume
+                with atomic_outputs(id_path) as (tmp,):
+                    with open(tmp, "w", encoding="utf-8") as file:
+                        file.write(self.wandb.id + "\n")
 
     def train(self, step: int, metrics: dict) -> None:
         """Interval metrics at optimizer update `step`; adds img/s over the interval."""

@@ -24,7 +24,7 @@ from timm.optim import Lamb
 
 from .config import OptimConfig
 
-__all__ = ["param_groups", "create_optimizer", "lr_at", "set_lr", "WARMUP_INIT_LR", "COSINE_END_LR"]
+__all__ = ["param_groups", "create_optimizer", "ChunkedTrustLamb", "lr_at", "set_lr", "WARMUP_INIT_LR", "COSINE_END_LR"]
 
 WARMUP_INIT_LR = 1e-6
 COSINE_END_LR = 1e-5
@@ -33,6 +33,8 @@ COSINE_END_LR = 1e-5
 _KERNEL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _EMBED_PREFIXES = ("patch_embed.", "cls_token", "reg_token", "pos_embed")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+# The fused q, k, v weight is three kernels in the original: LAMB takes one trust ratio per third.
+_QKV_WEIGHT_SUFFIX = "attn.qkv.weight"
 
 
 def _kernel_names(model: nn.Module) -> set[str]:
@@ -56,7 +58,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr_decay: float) -> list
     Decayed (weight_decay): Linear/Conv weights only; not KAN coefficients, biases, norms,
     cls_token, pos_embed, LayerScale gammas. lr_scale = lr_decay ** (L - i), i = 0 for the
     embedding, k + 1 for `blocks.k`, L for the rest (final norm, head); L = len(model.blocks).
-    Each group has 'params', 'weight_decay', 'lr_scale' and 'decayed' (the mask, for LAMB).
+    Each group has 'params', 'weight_decay', 'lr_scale', 'decayed' (the mask, for LAMB) and
+    'trust_chunks' (3 for the fused attn.qkv weights, else 1: LAMB's trust ratios per weight).
     """
     if not 0.0 < lr_decay <= 1.0:
         raise ValueError(f"optim.lr_decay must be in (0, 1], got {lr_decay}")
@@ -69,15 +72,17 @@ def param_groups(model: nn.Module, weight_decay: float, lr_decay: float) -> list
         )
     num_layers = len(blocks)
     kernels = _kernel_names(model)
-    groups: dict[tuple[float, bool], dict] = {}
+    groups: dict[tuple[float, bool, int], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         decayed = name in kernels
         lr_scale = lr_decay ** (num_layers - _layer_id(name, num_layers))
+        chunks = 3 if name.endswith(_QKV_WEIGHT_SUFFIX) else 1
         group = groups.setdefault(
-            (lr_scale, decayed),
-            dict(params=[], weight_decay=weight_decay if decayed else 0.0, lr_scale=lr_scale, decayed=decayed),
+            (lr_scale, decayed, chunks),
+            dict(params=[], weight_decay=weight_decay if decayed else 0.0, lr_scale=lr_scale, decayed=decayed,
+                 trust_chunks=chunks),
         )
         group["params"].append(param)
     return list(groups.values())
@@ -101,11 +106,49 @@ def create_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Op
             group["always_adapt"] = group["decayed"]
         # No built-in clipping (the original clips only through optim.clip_grad); L2-style decay
         # added to the Adam direction before the trust ratio, as the original.
-        return Lamb(
+        return ChunkedTrustLamb(
             groups, lr=optim_cfg.learning_rate, betas=betas, eps=optim_cfg.adam_eps,
             max_grad_norm=None, decoupled_decay=False, trust_clip=False,
         )
     raise ValueError(f"optim.optimizer must be 'adamw' or 'lamb', got {optim_cfg.optimizer!r}")
+
+
+class ChunkedTrustLamb(Lamb):
+    """timm's LAMB with one trust ratio per 1/k of the rows of each param in a group with
+    `trust_chunks` k > 1. The original keeps q, k and v as separate kernels and takes a trust
+    ratio per kernel, where timm's LAMB would take one for the fused attn.qkv.weight. Each step
+    hands timm's update the row blocks as separate params (views: the updates land in place)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        chunked = [group for group in self.param_groups if group.get("trust_chunks", 1) > 1]
+        fused = [group["params"] for group in chunked]
+        for group in chunked:
+            k, parts = group["trust_chunks"], []
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(param), torch.zeros_like(param)
+                for part, grad, exp_avg, exp_avg_sq in zip(param.chunk(k), param.grad.chunk(k),
+                                                           state["exp_avg"].chunk(k), state["exp_avg_sq"].chunk(k)):
+                    part.grad = grad
+                    self.state[part] = dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+                    parts.append(part)
+            group["params"] = parts
+        try:
+            super().step()
+        finally:
+            for group, params in zip(chunked, fused):
+                for part in group["params"]:
+                    del self.state[part]
+                group["params"] = params
+        return loss
 
 
 def lr_at(

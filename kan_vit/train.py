@@ -74,7 +74,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
             num_classes=m.labels, img_size=m.image_size, patch_size=m.patch_size, embed_dim=m.dim,
             depth=m.layers, num_heads=m.heads, use_kan=m.use_kan, polynomial_degree=m.polynomial_degree,
             posemb=m.posemb, pooling=m.pooling, layerscale=m.layerscale, dropout=m.dropout,
-            drop_path_rate=m.droppath,
+            drop_path_rate=m.droppath, drop_path_schedule="constant",  # the original's: one rate in every block
         )
     if m.pretrained_ckpt:
         from .pretrained import load_pretrained
@@ -88,7 +88,8 @@ def build_model(cfg: Config) -> torch.nn.Module:
 @dataclass
 class TrainState:
     """Everything an update changes. Device tensors: `step` (updates done), `loss_sum` (sum of
-    update losses since the last log), `skipped` (samples skipped since the last log),
+    update losses since the last log), `acc_sums` (sums of update train acc1, acc5 since the last
+    log), `skipped` (samples skipped since the last log),
     `first_bad_step` (first update with a non-finite loss, -1 while none). `host_step` mirrors
     `step` on the host, so the loop never reads the device to know where it is."""
 
@@ -96,6 +97,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     step: torch.Tensor
     loss_sum: torch.Tensor
+    acc_sums: torch.Tensor
     skipped: torch.Tensor
     first_bad_step: torch.Tensor
     host_step: int = 0
@@ -108,7 +110,8 @@ def build_state(cfg: Config, device: torch.device) -> TrainState:
     optimizer = create_optimizer(model, cfg.optim)  # after .to(device): the optimizer holds device params
     zero = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
     return TrainState(model, optimizer, step=zero(torch.int64), loss_sum=zero(torch.float32),
-                      skipped=zero(torch.int64), first_bad_step=zero(torch.int64) - 1)
+                      acc_sums=torch.zeros(2, device=device), skipped=zero(torch.int64),
+                      first_bad_step=zero(torch.int64) - 1)
 
 
 @functools.lru_cache
@@ -130,6 +133,14 @@ def _per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, criterion: str
     if criterion == "bce":
         return F.binary_cross_entropy_with_logits(logits, (targets > 0).float(), reduction="none").mean(-1)
     return -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
+
+
+def _train_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[acc1, acc5] batch means as the original: a prediction is right when its class has the
+    (mixed, smoothed) target's maximum weight (ties all count)."""
+    labels = targets == targets.max(-1, keepdim=True).values
+    hits = labels.gather(1, logits.topk(min(5, logits.shape[-1]), dim=-1).indices)
+    return torch.stack([hits[:, 0], hits.any(-1)]).float().mean(1)
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -155,12 +166,14 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
     lr = lr_at(state.step, o.learning_rate, cfg.schedule.warmup_steps, cfg.schedule.training_steps)
     set_lr(optimizer, lr)  # a device tensor: no new graph constant per step
     optimizer.zero_grad(set_to_none=True)
-    loss, skipped = 0.0, 0
+    loss, acc, skipped = 0.0, 0.0, 0
     for images, targets, num_skipped in micro_batches:
         with torch.autocast("xla", dtype=torch.bfloat16, enabled=cfg.run.bf16):
-            micro_loss = _per_sample_loss(model(_normalize(images)), targets, cfg.augment.criterion).mean()
+            logits = model(_normalize(images))
+            micro_loss = _per_sample_loss(logits, targets, cfg.augment.criterion).mean()
         (micro_loss / o.grad_accum).backward()  # the update uses the mean of the micro-batch gradients
         loss, skipped = loss + micro_loss.detach() / o.grad_accum, skipped + num_skipped
+        acc = acc + _train_accuracy(logits.detach(), targets) / o.grad_accum
     xm.reduce_gradients(optimizer)  # mean over replicas (no-op on one)
     if o.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
@@ -170,8 +183,10 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
     # restart is a torch.where on the step, so log and non-log updates share one graph.
     restart = state.step % cfg.schedule.log_interval == 0
     loss = _all_reduce_sum(loss) / xr.world_size()
+    acc = _all_reduce_sum(acc) / xr.world_size()
     skipped = _all_reduce_sum(skipped)
     state.loss_sum = torch.where(restart, 0.0, state.loss_sum) + loss
+    state.acc_sums = torch.where(restart, 0.0, state.acc_sums) + acc
     state.skipped = torch.where(restart, 0, state.skipped) + skipped
     state.first_bad_step = torch.where(
         (state.first_bad_step < 0) & ~torch.isfinite(loss), state.step + 1, state.first_bad_step)
@@ -179,20 +194,21 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
     state.host_step += 1
     if state.host_step % cfg.schedule.log_interval == 0 or state.host_step == cfg.schedule.training_steps:
         interval = (state.host_step - 1) % cfg.schedule.log_interval + 1
-        xm.add_step_closure(_log_train, args=(state, logger, state.host_step, interval,
-                                              state.loss_sum, lr, state.skipped, state.first_bad_step))
+        xm.add_step_closure(_log_train, args=(state, logger, state.host_step, interval, state.loss_sum,
+                                              state.acc_sums, lr, state.skipped, state.first_bad_step))
     torch_xla.sync()
 
 
-def _log_train(state, logger, step, interval, loss_sum, lr, skipped, first_bad_step) -> None:
+def _log_train(state, logger, step, interval, loss_sum, acc_sums, lr, skipped, first_bad_step) -> None:
     """Runs after the step's graph executed: reading the tensors is a copy, not a sync (.cpu()
     rather than .item(), which torch_xla runs as an aten fallback)."""
     first_bad = int(first_bad_step.cpu())
     if first_bad >= 0:
         state.diverged_at = first_bad
     if logger is not None:
-        logger.train(step, {"train/loss": float(loss_sum.cpu()) / interval, "train/lr": float(lr.cpu()),
-                            "data/skipped": int(skipped.cpu())})
+        acc1, acc5 = (acc_sums.cpu() / interval).tolist()
+        logger.train(step, {"train/loss": float(loss_sum.cpu()) / interval, "train/acc1": acc1, "train/acc5": acc5,
+                            "train/lr": float(lr.cpu()), "data/skipped": int(skipped.cpu())})
 
 
 @torch.no_grad()
@@ -252,7 +268,8 @@ def _checkpoint(state: TrainState, cfg: Config, metrics: dict, rng: list) -> dic
         "optimizer": checkpoint.to_cpu(state.optimizer.state_dict()),
         "step": state.host_step,
         "train_batch": state.host_step * cfg.optim.grad_accum,  # the data stream position per replica
-        "meters": checkpoint.to_cpu({"loss_sum": state.loss_sum, "skipped": state.skipped}),
+        "meters": checkpoint.to_cpu({"loss_sum": state.loss_sum, "acc_sums": state.acc_sums,
+                                     "skipped": state.skipped}),
         "rng": rng,
         "best_acc1": state.best_acc1,
         "metrics": metrics,
@@ -266,6 +283,7 @@ def _restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
     state.host_step, state.best_acc1 = ckpt["step"], ckpt["best_acc1"]
     state.step = torch.tensor(ckpt["step"], dtype=torch.int64, device=device)
     state.loss_sum = ckpt["meters"]["loss_sum"].to(device)
+    state.acc_sums = ckpt["meters"]["acc_sums"].to(device)
     state.skipped = ckpt["meters"]["skipped"].to(device)
     if len(ckpt["rng"]) != xr.world_size():
         raise ValueError(_replica_count_message(len(ckpt["rng"]), xr.world_size()))
@@ -325,9 +343,10 @@ def train(cfg: Config) -> dict:
         logger.info(f"resuming from {path} at step {state.host_step}")
 
     start_batch = ckpt["train_batch"] if ckpt is not None else 0  # the stream continues where it stopped
+    local = xr.local_process_count()  # the loader workers in the config are per host
     train_loader = pl.MpDeviceLoader(LazyStart(create_train_loader(
-        cfg, world_size=world_size, rank=rank, start_batch=start_batch)), device)
-    valid_data, _ = create_valid_loader(cfg, world_size=world_size, rank=rank)
+        cfg, world_size=world_size, rank=rank, start_batch=start_batch, local_replicas=local)), device)
+    valid_data, _ = create_valid_loader(cfg, world_size=world_size, rank=rank, local_replicas=local)
     valid_loader = pl.MpDeviceLoader(LazyStart(valid_data), device)
     batches = iter(train_loader)
     s = cfg.schedule

@@ -4,16 +4,15 @@ Normalisation happens on the device (§2), so every transform here ends in uint8
 """
 from __future__ import annotations
 
-import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment
+from timm.data import IMAGENET_DEFAULT_MEAN, auto_augment
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
-from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
-from torchvision.transforms import InterpolationMode
+from torchvision.transforms import InterpolationMode, v2
 
-_MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+# The original's fill colour for geometric ops: int() truncates, (123, 116, 103).
+AUGMENT_FILL = tuple(int(255 * m) for m in IMAGENET_DEFAULT_MEAN)
+AUGMIX_TRANSLATE_PCT = 0.3  # the original's AugMix translation range (timm's default is 0.45)
 
 
 def _posterize(img, bits_to_keep, **kwargs):
@@ -25,12 +24,12 @@ def _posterize(img, bits_to_keep, **kwargs):
 
 
 def _auto_augment(policy: str, size: int):
-    hparams = dict(translate_const=int(0.45 * size), img_mean=tuple(round(255 * m) for m in IMAGENET_DEFAULT_MEAN))
+    hparams = dict(translate_const=int(0.45 * size), img_mean=AUGMENT_FILL)
     if policy.startswith("rand"):
         transform = rand_augment_transform(policy, hparams)
         ops = transform.ops
     elif policy.startswith("augmix"):
-        transform = augment_and_mix_transform(policy, hparams)
+        transform = augment_and_mix_transform(policy, dict(hparams, translate_pct=AUGMIX_TRANSLATE_PCT))
         ops = transform.ops
     else:
         transform = auto_augment_transform(policy, hparams)
@@ -39,22 +38,6 @@ def _auto_augment(policy: str, size: int):
         if op.aug_fn is auto_augment.posterize:
             op.aug_fn = _posterize
     return transform
-
-
-class Uint8RandomErasing:
-    """timm's RandomErasing (mode 'pixel') on a uint8 CHW image.
-
-    timm erases normalised float tensors with N(0, 1) noise; we round-trip through that space so the
-    uint8 output carries the same noise (clipped to 0..255) and untouched pixels come back exactly.
-    """
-
-    def __init__(self, probability: float):
-        self.erase = RandomErasing(probability, mode="pixel", device="cpu")
-
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        x = (img.float() / 255 - _MEAN) / _STD
-        x = self.erase(x)
-        return ((x * _STD + _MEAN) * 255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def train_transform(cfg) -> T.Compose:
@@ -73,9 +56,11 @@ def train_transform(cfg) -> T.Compose:
         ops.append(_auto_augment(aug.auto_augment, size))
     if aug.color_jitter > 0:
         ops.append(T.ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter))
-    ops.append(T.PILToTensor())
     if aug.random_erasing > 0:
-        ops.append(Uint8RandomErasing(aug.random_erasing))
+        # As the original: torchvision v2 erases the PIL image (as a uint8 tensor) with N(0, 1) noise
+        # cast to uint8 (truncated toward 0, negatives wrap), so erased pixels are mostly 0, else 1/255, 2/254...
+        ops.append(v2.RandomErasing(aug.random_erasing, value="random"))
+    ops.append(T.PILToTensor())
     return T.Compose(ops)
 
 

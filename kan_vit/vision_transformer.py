@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_tf_
+from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_tf_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
@@ -26,6 +26,7 @@ __all__ = ["KanVisionTransformer", "ChebyKANFeedForward", "sincos2d_position_emb
 
 POSEMB_TYPES = ("learnable", "sincos2d")
 POOLING_TYPES = ("cls", "gap")
+DROP_PATH_SCHEDULES = ("linear", "constant")
 LAYERSCALE_INIT = 1e-4
 LAYERNORM_EPS = 1e-6
 INIT_STD = 0.02
@@ -94,6 +95,9 @@ class KanVisionTransformer(VisionTransformer):
         pooling: 'cls' (class token) or 'gap' (mean over all tokens, no class token).
         layerscale: learned per-channel residual scales, init 1e-4.
         dropout: embedding, attention-probability and projection dropout rate.
+        drop_path_schedule: how `drop_path_rate` spreads over the blocks: 'linear' (timm's rule,
+            0 in the first block up to the rate in the last) or 'constant' (the rate in every
+            block, as the original; the trainer uses it).
     """
 
     def __init__(
@@ -104,12 +108,15 @@ class KanVisionTransformer(VisionTransformer):
         pooling: str = "cls",
         layerscale: bool = False,
         dropout: float = 0.0,
+        drop_path_schedule: str = "linear",
         **kwargs,
     ):
         if posemb not in POSEMB_TYPES:
             raise ValueError(f"posemb must be one of {POSEMB_TYPES}, got {posemb!r}")
         if pooling not in POOLING_TYPES:
             raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {pooling!r}")
+        if drop_path_schedule not in DROP_PATH_SCHEDULES:
+            raise ValueError(f"drop_path_schedule must be one of {DROP_PATH_SCHEDULES}, got {drop_path_schedule!r}")
         for key in _DERIVED_TIMM_ARGS.keys() & kwargs.keys():
             hint = f"; set {_DERIVED_TIMM_ARGS[key]}= instead" if _DERIVED_TIMM_ARGS[key] else ""
             raise ValueError(f"KanVisionTransformer fixes timm's {key!r} to the original's{hint}")
@@ -136,6 +143,10 @@ class KanVisionTransformer(VisionTransformer):
             norm_layer=partial(nn.LayerNorm, eps=LAYERNORM_EPS),
             **kwargs,
         )
+        rate = kwargs.get("drop_path_rate", 0.0)
+        if drop_path_schedule == "constant" and rate > 0:  # timm built its linear ramp: replace it
+            for block in self.blocks:
+                block.drop_path1, block.drop_path2 = DropPath(rate), DropPath(rate)
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         """The original's init (timm's default does not truncate at +-2 std nor init the conv)."""
@@ -149,6 +160,20 @@ class KanVisionTransformer(VisionTransformer):
         for param in (self.pos_embed, self.cls_token):
             if param is not None:
                 trunc_normal_tf_(param, std=INIT_STD)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """What the original does not decay beyond timm's ndim <= 1 rule (biases, norms, LayerScale):
+        it decays only Dense/Conv kernels, so not the embeddings nor the KAN coefficients."""
+        coefficients = {name for name, _ in self.named_parameters() if name.endswith(".kan.coefficients")}
+        return {"pos_embed", "cls_token"} | coefficients
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """The original's layer ids for layer-wise lr decay: embedding 0, block k -> k + 1, and the
+        final norm and head (timm's MATCH_PREV_GROUP, 99999) with the last block, id L."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^(?:norm|head)\.", (99999,))])
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.posemb == "learnable":

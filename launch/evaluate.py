@@ -36,7 +36,8 @@ def _mp_fn(index: int, cfg_dict: dict, checkpoint: str) -> None:
     cfg = from_dict(cfg_dict)
     device = torch_xla.device()
     model = _model(cfg, checkpoint).to(device)
-    loader, _ = create_valid_loader(cfg, world_size=xr.world_size(), rank=xr.global_ordinal())
+    loader, _ = create_valid_loader(cfg, world_size=xr.world_size(), rank=xr.global_ordinal(),
+                                    local_replicas=xr.local_process_count())
     metrics = evaluate(model, pl.MpDeviceLoader(LazyStart(loader), device), cfg)
     if xr.global_ordinal() == 0:
         print(json.dumps({"checkpoint": checkpoint, **metrics}), flush=True)

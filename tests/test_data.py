@@ -11,11 +11,10 @@ import pytest
 import scipy.stats
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from kan_vit import data
 from kan_vit.config import Config
-from kan_vit.transforms import Uint8RandomErasing, _auto_augment, train_transform, valid_transform
+from kan_vit.transforms import _auto_augment, train_transform, valid_transform
 
 SHARDS, PER_SHARD = 12, 40  # unique-label shards: label = global sample index
 
@@ -202,6 +201,15 @@ def test_repeated_copies_land_on_different_replicas(unique_shards, world_size):
         assert (counts == repeats).sum() == (4 * m - repeats) // repeats + 1
 
 
+@pytest.mark.parametrize("per_host,local,expected", [(40, 4, 10), (40, 8, 5), (40, 1, 40), (3, 4, 1), (0, 4, 0)])
+def test_loader_workers_are_per_host_shared_by_the_local_replicas(unique_shards, per_host, local, expected):
+    """The recipes' 40 is the original's per-host figure: 4 chips -> 10 workers per process."""
+    cfg = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=local, per_replica=2, workers=per_host)
+    train = data.create_train_loader(cfg, world_size=local, rank=0, local_replicas=local)
+    valid, _ = data.create_valid_loader(cfg, world_size=local, rank=0, local_replicas=local)
+    assert train.num_workers == valid.num_workers == expected
+
+
 def test_shard_order_follows_shuffle_seed(unique_shards):
     cfg = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=2, per_replica=4)
     first = [_ids(data.create_train_loader(cfg, world_size=2, rank=r), 8)[0] for r in range(2)]
@@ -345,20 +353,63 @@ def test_check_dataset_errors(tmp_path, unique_shards):
 
 # ---------------------------------------------------------------- transforms
 
-def test_uint8_random_erasing_noise_matches_normalised_space():
+def _erasing_cfg(probability):
+    cfg = Config()
+    cfg.model.image_size, cfg.augment.random_crop, cfg.augment.auto_augment = 32, "none", "none"
+    cfg.augment.random_erasing = probability
+    return cfg
+
+
+def test_random_erasing_fills_with_normal_noise_cast_to_uint8():
+    """The original's fill: N(0, 1) floats written into uint8 pixels, i.e. trunc(z) mod 256."""
     torch.manual_seed(0)
-    erase, changed = Uint8RandomErasing(1.0), []
-    image = torch.full((3, 64, 64), 7, dtype=torch.uint8)
-    for _ in range(50):
-        out = erase(image)
-        assert out.dtype == torch.uint8
-        mask = (out != 7).any(0)
-        assert mask.any() and torch.equal(out[:, ~mask], image[:, ~mask])
-        changed.append(out[:, mask].double())
-    pixels = torch.cat(changed, 1)
-    # timm's N(0,1) noise in normalised space is mean*255 + std*255*N(0,1) in pixels (clipping is rare)
-    np.testing.assert_allclose(pixels.mean(1).numpy(), 255 * np.array(IMAGENET_DEFAULT_MEAN), rtol=0.03)
-    np.testing.assert_allclose(pixels.std(1).numpy(), 255 * np.array(IMAGENET_DEFAULT_STD), rtol=0.08)
+    transform, grey = train_transform(_erasing_cfg(1.0)), 128  # no N(0, 1) draw casts to 128
+    image = Image.fromarray(np.full((32, 32, 3), grey, dtype=np.uint8))
+    filled = []
+    for _ in range(200):
+        out = transform(image)
+        erased = (out != grey).any(0)
+        rows, cols = erased.any(1).nonzero()[:, 0], erased.any(0).nonzero()[:, 0]
+        h, w = len(rows), len(cols)
+        assert erased.sum() == h * w and rows[-1] - rows[0] + 1 == h and cols[-1] - cols[0] + 1 == w  # a box
+        # area 0.02..0.33 of the image, aspect 0.3..3.3, before h and w were rounded
+        assert (h - 0.5) * (w - 0.5) <= 0.33 * 1024 and (h + 0.5) * (w + 0.5) >= 0.02 * 1024
+        assert (h - 0.5) / (w + 0.5) <= 3.3 and (h + 0.5) / (w - 0.5) >= 0.3
+        filled.append(out[:, erased].flatten().numpy())
+    values = np.concatenate(filled)
+    # P(trunc(z) = k) for z ~ N(0, 1); k < 0 lands on 256 + k
+    ks = np.arange(-4, 5)
+    cdf = scipy.stats.norm.cdf
+    prob = np.where(ks > 0, cdf(ks + 1.0) - cdf(ks), np.where(ks < 0, cdf(ks) - cdf(ks - 1.0), cdf(1.0) - cdf(-1.0)))
+    observed = np.array([(values == k % 256).sum() for k in ks])
+    assert observed.sum() == len(values)  # nothing outside -4..4
+    assert prob[4] == pytest.approx(0.6827, abs=1e-4)  # mostly 0, then 1 and 255 (13.6% each)
+    expected = prob / prob.sum() * len(values)  # |z| >= 5 (p = 6e-7) is left out
+    assert scipy.stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_random_erasing_probability():
+    torch.manual_seed(1)
+    transform = train_transform(_erasing_cfg(0.25))
+    image = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
+    erased = sum(bool((transform(image) != 128).any()) for _ in range(800))
+    assert abs(erased / 800 - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 800)
+
+
+def test_augment_fill_colour_and_augmix_translation_reach_timm_ops():
+    white = Image.fromarray(np.full((20, 100, 3), 255, dtype=np.uint8))
+    rand = _auto_augment("rand-m9-mstd0.5-inc1", 100)
+    rotate = next(op for op in rand.ops if op.name == "Rotate")
+    rotate.prob, rotate.magnitude_std = 1.0, 0
+    corner = np.asarray(rotate(white))[0, 0]  # uncovered by the rotated image: the fill colour
+    assert tuple(corner) == (123, 116, 103)  # int(255 * mean), truncated as the original
+
+    augmix = _auto_augment("augmix-m10-w3", 100)
+    translate = next(op for op in augmix.ops if op.name == "TranslateXRel")
+    assert translate.kwargs["fillcolor"] == (123, 116, 103)
+    translate.prob, translate.magnitude_std = 1.0, 0
+    shifted = np.asarray(translate(white))[0, :, 0]
+    assert (shifted != 255).sum() == 30  # magnitude 10 of 10 shifts by 0.3 of the width (timm default: 0.45)
 
 
 def test_valid_transform_matches_pil_resize_and_centre_crop():

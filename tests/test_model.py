@@ -81,6 +81,7 @@ def test_options_change_the_architecture():
     (dict(polynomial_degree=0), "degree must be an integer >= 1"),
     (dict(global_pool="avg"), "set pooling= instead"),
     (dict(act_layer="gelu"), "fixes timm's 'act_layer'"),
+    (dict(drop_path_schedule="cosine"), "drop_path_schedule must be one of"),
 ])
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -135,6 +136,32 @@ def test_grad_checkpointing_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("constant", [0.1, 0.1, 0.1, 0.1]),  # the original: Dropout(droppath) in every block
+    ("linear", [0.0, 0.1 / 3, 0.2 / 3, 0.1]),  # timm's ramp, also what drop_path_rate alone gives
+])
+def test_drop_path_schedule_rate_of_every_block(schedule, expected):
+    def rates(model):
+        return [getattr(getattr(b, name), "drop_prob", 0.0)  # rate 0: an Identity
+                for b in model.blocks for name in ("drop_path1", "drop_path2")]
+
+    kwargs = dict(img_size=32, depth=4, num_classes=7, drop_path_rate=0.1)
+    model = timm.create_model("kan_vit_tiny_patch16_224", **kwargs, drop_path_schedule=schedule)
+    assert rates(model) == pytest.approx([r for r in expected for _ in range(2)], abs=1e-7)
+    if schedule == "linear":
+        assert rates(timm.create_model("kan_vit_tiny_patch16_224", **kwargs)) == rates(model)
+
+
+def test_trainer_builds_the_constant_drop_path_schedule():
+    from kan_vit.config import load
+    from kan_vit.train import build_model
+
+    cfg = load(None, ["model.labels=5", "model.layers=3", "model.dim=32", "model.heads=2", "model.droppath=0.2",
+                      "model.image_size=32", "model.use_kan=true"])
+    model = build_model(cfg)
+    assert [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in model.blocks] == [(0.2, 0.2)] * 3
 
 
 def test_drop_path_drops_whole_samples_and_rescales():

@@ -64,6 +64,7 @@ def test_no_recompilation_or_cpu_fallback_after_the_first_steps(tmp_path):
     for record in records:  # the lr of the logged update, from the schedule's closed form
         assert record["train/lr"] == pytest.approx(lr_at(record["step"] - 1, 1e-3 * 3, 3, 20), rel=1e-5)
         assert np.isfinite(record["train/loss"]) and record["data/skipped"] == 0
+        assert 0.0 <= record["train/acc1"] <= record["train/acc5"] <= 1.0
 
 
 def _fixed_batch(n, labels, size, seed=0):
@@ -79,6 +80,35 @@ def _deterministic_cfg(tmp_path, accum):
                                                  "data.train_batch_size=16"])
 
 
+@pytest.mark.slow
+def test_train_accuracy_is_the_original_top_k_within_the_target_maximum(tmp_path):
+    """Targets built from the model's own ranking before each update: a row hits top-1 when its
+    target's maximum (ties included) is the predicted class, top-5 when it is among the five best."""
+    cfg = load(DEMO, tiny_overrides(tmp_path) + ["model.droppath=0.0", "schedule.log_interval=2"])
+    device = torch_xla.device()
+    state = train.build_state(cfg, device)
+    logger = RunLogger(cfg, master=True, start_step=0)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    gen = torch.Generator().manual_seed(0)
+    # per row: the target's maximum at these ranks of the prediction (two ranks: a tie)
+    patterns = [[(0,), (3,), (7, 0), (8,)] * 4, [(3,)] * 8 + [(9, 5)] * 8]
+    expected = [(0.5, 0.75), (0.0, 0.5)]  # (acc1, acc5) of the two updates, 2 micro-batches of 8 each
+    for ranks_per_row in patterns:
+        images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
+        with torch.no_grad():
+            order = state.model(train._normalize(images)).cpu().argsort(-1, descending=True)
+        targets = torch.full((16, 10), 0.01)
+        for row, ranks in enumerate(ranks_per_row):
+            targets[row, order[row, list(ranks)]] += 0.9 / len(ranks)
+        micro = [(i, t.to(device), zero) for i, t in zip(images.chunk(2), targets.chunk(2))]
+        train.train_step(state, micro, cfg, logger)
+    record = read_metrics(str(tmp_path / "metrics.jsonl"))[-1]
+    assert record["step"] == 2
+    assert record["train/acc1"] == pytest.approx(np.mean([e[0] for e in expected]), abs=1e-6)
+    assert record["train/acc5"] == pytest.approx(np.mean([e[1] for e in expected]), abs=1e-6)
+
+
+@pytest.mark.slow
 def test_grad_accumulation_averages_micro_batches_into_one_update(tmp_path):
     """Two micro-batches of 8 give the same update as one batch of 16 (mean loss, same gradient)."""
     device = torch_xla.device()
@@ -122,6 +152,7 @@ torch.save({"params": {k: v.cpu() for k, v in state.model.state_dict().items()},
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_over_4_devices_matches_one_device(tmp_path):
     """The same train_step/evaluate with the batch split over 4 (virtual CPU) devices under SPMD
     gives the full-batch result: the step's gradients and metrics are means/sums over the whole
@@ -156,6 +187,7 @@ DEMO_SHORT = ["schedule.training_steps=60", "schedule.eval_interval=30", "schedu
               "data.train_loader_workers=1", "data.valid_loader_workers=0", "run.export_flax=true"]
 
 
+@pytest.mark.slow
 def test_demo_short_run_learns_and_writes_its_files(tmp_path):
     """The launcher end to end (one spawned loader worker), then launch/evaluate.py on what it wrote."""
     out = tmp_path / "run"
@@ -205,6 +237,7 @@ def _resume_overrides(out):
                                   "model.layers=2", "model.dropout=0.1"]  # dropout: the RNG restore matters
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path):
     env = dict(os.environ, PJRT_DEVICE="CPU")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
@@ -244,6 +277,7 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path):
                 assert rb[key] == pytest.approx(value, abs=1e-6), (ra["step"], key)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """From update 10 (0-based index 9) the lr is inf: update 10's loss is still finite, the
     parameters it writes are not, so update 11 is the first with a non-finite loss."""
@@ -257,6 +291,28 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
     assert last["step"] == 8
     assert all(torch.isfinite(v).all() for v in last["model"].values())
     assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "val/acc1" in r] == [8]
+
+
+def test_wandb_offline_resume_continues_the_stored_run_and_a_fresh_start_gets_a_new_one(tmp_path):
+    """Real wandb in offline mode: each run writes output_dir/wandb/offline-run-<time>-<id>/."""
+    cfg = load(DEMO, tiny_overrides(tmp_path) + ["run.wandb=offline", "run.project=kan-vit-test"])
+
+    def run(start_step):  # the trainer passes the resumed checkpoint's step (0: a fresh start)
+        logger = RunLogger(cfg, master=True, start_step=start_step)
+        run_id = logger.wandb.id
+        logger.train(start_step + 3, {"train/loss": 1.0, "train/lr": 1e-3})
+        logger.close()
+        return run_id
+
+    first = run(0)
+    resumed = run(3)  # e.g. resume=auto found last.pth at step 3
+    fresh = run(0)  # resume=never (or no checkpoint): a new run
+    assert first == resumed != fresh
+    assert (tmp_path / "wandb_id.txt").read_text().strip() == fresh
+    written = sorted(d.name.rsplit("-", 1)[1] for d in (tmp_path / "wandb").glob("offline-run-*"))
+    assert written == sorted([first, first, fresh])
+    for run_dir in (tmp_path / "wandb").glob("offline-run-*"):
+        assert (run_dir / f"run-{run_dir.name.rsplit('-', 1)[1]}.wandb").stat().st_size > 0
 
 
 def test_resume_setting_picks_the_checkpoint(tmp_path):
