@@ -247,6 +247,12 @@ def loader_workers(per_host: int, local_replicas: int) -> int:
     return max(1, per_host // local_replicas) if per_host > 0 else 0
 
 
+def _count(value: int) -> torch.Tensor:
+    """A count for the device as shape (1,): torch_xla bakes a 0-dim 0 or 1 into the graph as a
+    constant, so a 0-dim count would give replicas (and steps) different graphs."""
+    return torch.tensor([value], dtype=torch.int64)
+
+
 def _worker():
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
@@ -280,12 +286,12 @@ class _TrainBatches(IterableDataset):
                 rng = np.random.default_rng([self.cfg.augment.mixup_seed + self.rank, t])
                 images, targets = mix_batch(torch.stack([b[0] for b in batch]),
                                             torch.tensor([b[1] for b in batch]), rng, self.cfg)
-                yield images, targets, torch.tensor(skipped, dtype=torch.int64)
+                yield images, targets, _count(skipped)
             batch, skipped, t = [], 0, t + num_workers
 
 
 def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0, local_replicas: int = 1):
-    """Infinite iterable of (uint8 images (b, 3, S, S), float32 targets (b, labels), int64 num_skipped)
+    """Infinite iterable of (uint8 images (b, 3, S, S), float32 targets (b, labels), int64 num_skipped (1,))
     with b = train_batch_size // world_size // grad_accum, yielding batches start_batch, start_batch + 1, ...
     `local_replicas`: the processes on this host, which share data.train_loader_workers."""
     batch_size = cfg.data.train_batch_size // world_size // cfg.optim.grad_accum
@@ -341,7 +347,7 @@ class _ValidBatches(IterableDataset):
         labels = torch.full((self.batch_size,), -1, dtype=torch.int64)
         for i, (image, label) in enumerate(batch):
             images[i], labels[i] = image, label
-        return images, labels, torch.tensor(skipped, dtype=torch.int64)
+        return images, labels, _count(skipped)
 
     def __iter__(self):
         physical, num_workers = _worker()
@@ -351,7 +357,7 @@ class _ValidBatches(IterableDataset):
 
 
 def create_valid_loader(cfg, *, world_size: int, rank: int, local_replicas: int = 1):
-    """(iterable of (uint8 images, int64 labels with -1 padding, int64 num_skipped), num_samples).
+    """(iterable of (uint8 images, int64 labels with -1 padding, int64 num_skipped (1,)), num_samples).
 
     Shards (or folder images) are dealt to replicas round-robin, then to loader workers; every
     replica yields the same number of batches of valid_batch_size // world_size (padding batches
