@@ -158,6 +158,20 @@ def _all_gather_ints(values: list[int]) -> list[list[int]]:
     return local.cpu().view(xr.world_size(), len(values)).tolist()
 
 
+def _reduce_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Mean of the gradients over replicas (no-op on one). torch_xla's in-place all-reduce leaves a
+    gradient unchanged when it aliases part of another lazy tensor (the KAN coefficients' gradient
+    is a reshaped slice of a GEMM output), and autograd does not mark such a gradient as a view:
+    every gradient is re-bound to a clone first, which costs nothing in the compiled graph."""
+    if xr.world_size() == 1:
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                param.grad = param.grad.clone()
+    xm.reduce_gradients(optimizer)
+
+
 def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunLogger | None = None) -> None:
     """One optimizer update from optim.grad_accum micro-batches of (uint8 images, soft targets,
     num_skipped) already on the device; ends the step's graph (torch_xla.sync)."""
@@ -172,9 +186,9 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
             logits = model(_normalize(images))
             micro_loss = _per_sample_loss(logits, targets, cfg.augment.criterion).mean()
         (micro_loss / o.grad_accum).backward()  # the update uses the mean of the micro-batch gradients
-        loss, skipped = loss + micro_loss.detach() / o.grad_accum, skipped + num_skipped
+        loss, skipped = loss + micro_loss.detach() / o.grad_accum, skipped + num_skipped.sum()
         acc = acc + _train_accuracy(logits.detach(), targets) / o.grad_accum
-    xm.reduce_gradients(optimizer)  # mean over replicas (no-op on one)
+    _reduce_gradients(optimizer)
     if o.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
     optimizer.step()
@@ -226,7 +240,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
         loss = _per_sample_loss(logits, one_hot, cfg.augment.criterion)
         top = logits.topk(min(5, cfg.model.labels), dim=-1).indices == target[:, None]
         batch = torch.stack([torch.where(valid, loss, 0.0).sum(), (top[:, 0] & valid).sum().float(),
-                             (top.any(-1) & valid).sum().float(), valid.sum().float(), num_skipped.float()])
+                             (top.any(-1) & valid).sum().float(), valid.sum().float(), num_skipped.sum().float()])
         sums = batch if sums is None else sums + batch
         torch_xla.sync()
     sums = _all_reduce_sum(sums)
