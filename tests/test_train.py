@@ -157,7 +157,7 @@ def test_data_parallel_over_4_devices_matches_one_device(tmp_path):
     """The same train_step/evaluate with the batch split over 4 (virtual CPU) devices under SPMD
     gives the full-batch result: the step's gradients and metrics are means/sums over the whole
     global batch, so data parallelism changes nothing. (Under SPMD XLA inserts the cross-device
-    reductions; the xmp.spawn path's xm.reduce_gradients / all_reduce calls are not run here.)"""
+    reductions; the xmp.spawn path's own collectives run in tests/test_replicas.py.)"""
     cfg = _deterministic_cfg(tmp_path, 1)
     images, targets, labels = _fixed_batch(16, 10, 32, seed=1)
     labels[-3:] = -1  # evaluation padding must be excluded on every shard
