@@ -325,7 +325,11 @@ def check_resume(cfg: Config, world_size: int) -> None:
     path = resume_path(cfg)
     if path is None:
         return
-    written_by = len(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["rng"])
+    try:
+        written_by = len(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["rng"])
+    except (OSError, RuntimeError, KeyError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable trainer checkpoint ({error}): point run.resume at "
+                         "one, or set run.resume=never to start over") from None
     if written_by != world_size:
         raise ValueError(f"{path}: {_replica_count_message(written_by, world_size)}")
 

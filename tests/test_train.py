@@ -335,3 +335,10 @@ def test_normalisation_constants_are_uploaded_once():
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(out.cpu(), (0 - mean).expand(2, 3, 4, 4) / std)
+
+
+def test_an_unreadable_checkpoint_to_resume_is_refused_before_spawning(tmp_path):
+    cfg = load(DEMO, [f"run.output_dir={tmp_path}"])
+    (tmp_path / "last.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"last.pth is not a readable trainer checkpoint .*run.resume=never"):
+        train.check_resume(cfg, world_size=1)
