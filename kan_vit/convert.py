@@ -242,7 +242,10 @@ def _read_architecture(leaves: dict, side: int, what: str) -> dict:
 
 
 def infer_flax_architecture(params: dict, image_size: int | None = None) -> dict:
-    """Read the architecture off an original tree (§1); only a sincos2d model's image size is not in it."""
+    """Read the architecture off an original tree (docs/original.md, "Checkpoints").
+
+    Only a sincos2d model's image size is not in it.
+    """
     if not isinstance(params, dict) or not isinstance(params.get("model"), dict):
         raise ConvertError("not a KAN-ViT/ViT checkpoint: the top-level key 'model' is missing")
     leaves = _flatten(params["model"])

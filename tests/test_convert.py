@@ -1,4 +1,4 @@
-"""Flax <-> PyTorch checkpoint conversion (issue 3).
+"""Flax <-> PyTorch checkpoint conversion.
 
 Fixtures are written by the real `flax.serialization`; converted models are checked against the
 independent NumPy forward pass (tests/numpy_reference.py) in float64.

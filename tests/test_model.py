@@ -22,7 +22,7 @@ SMALL = dict(img_size=32, depth=2, num_classes=7)
 
 def expected_param_count(dim, layers=12, patch=16, grid=14, labels=1000, degree=None,
                          learnable=True, cls=True, layerscale=False):
-    """Closed form of the original's parameter count (original-semantics §1 table)."""
+    """Closed form of the original's parameter count (the tree in docs/original.md, "Checkpoints")."""
     embed = patch * patch * 3 * dim + dim + (grid * grid * dim if learnable else 0) + (dim if cls else 0)
     attn = 3 * (dim * dim + dim) + dim * dim + dim
     ff = dim * dim * (degree + 1) if degree else (dim * 4 * dim + 4 * dim) + (4 * dim * dim + dim)
@@ -190,7 +190,7 @@ def test_drop_path_drops_whole_samples_and_rescales():
     dict(degree=None, posemb="learnable", pooling="cls", layerscale=False),
 ])
 def test_matches_numpy_reference_float64(variant):
-    """The PyTorch model computes the original's function (§2): max |dlogits| <= 1e-6 in float64."""
+    """The original's function (docs/original.md, "Forward pass"): max |dlogits| <= 1e-6, float64."""
     params = random_params(seed=1, layers=3, dim=16, heads=2, patch=4, grid=3, labels=5, **variant)
     state_dict, name, model_args = flax_to_timm(params, image_size=12)
     model = timm.create_model(name, **model_args).double().eval()

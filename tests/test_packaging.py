@@ -78,3 +78,17 @@ def test_version_is_written_once():
     assert 'dynamic = ["version"]' in pyproject and 'attr = "kan_vit.__version__"' in pyproject
     assert kan_vit.__version__ not in pyproject
     assert not (ROOT / "setup.py").exists()
+
+
+def test_sources_cite_only_documents_in_the_repository():
+    """Comments point at docs/original.md, never at outside documents or issue numbers."""
+    import re
+
+    outside = re.compile("original" + r"-semantics|\u00a7\d|\bissue\s*#?\d+", re.IGNORECASE)
+    sources = [p for folder in ("kan_vit", "tests", "launch", "benchmarks") for p in (ROOT / folder).rglob("*.py")]
+    cited = [f"{p.relative_to(ROOT)}:{n}" for p in sources
+             for n, line in enumerate(p.read_text().splitlines(), 1) if outside.search(line)]
+    assert not cited
+    for path in sources:
+        for section in re.findall(r'docs/original\.md, "([^"]+)"', path.read_text()):
+            assert f"\n## {section}\n" in (ROOT / "docs" / "original.md").read_text(), (path, section)
