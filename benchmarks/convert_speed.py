@@ -1,4 +1,4 @@
-"""Time and peak memory of kan-vit-convert on a KAN B/16 checkpoint (issue 3: < 10 s, < 3x file size).
+"""Time and peak memory of kan-vit-convert on a KAN B/16 checkpoint (target: < 10 s, < 3x the file size).
 
     python benchmarks/convert_speed.py [--model kan_vit_base_patch16_224] [--workdir DIR]
 

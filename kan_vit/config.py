@@ -1,6 +1,6 @@
 """Typed training configuration: the original's flags (dashes -> underscores) in six sections.
 
-Defaults are the original CLI's defaults (original-semantics §5); keys marked "new" had no
+Defaults are the original CLI's defaults (the original's src/main.py, see docs/original.md); keys marked "new" had no
 original flag. Seeds live with what they seed.
 """
 from __future__ import annotations

@@ -7,7 +7,8 @@
 Flax -> PyTorch infers the whole architecture from the tree; the JSON sidecar
 `{"model": name, "model_args": {...}}` makes
 `timm.create_model(model, pretrained=True, pretrained_cfg_overlay=dict(file=OUT), **model_args)`
-rebuild the model. Runs without JAX: the format is read and written by `kan_vit.flax_msgpack`.
+rebuild the model, and timm's `config.json` in OUT's folder makes
+`timm.create_model("local-dir:FOLDER", pretrained=True)` do the same (one model per folder). Runs without JAX: the format is read and written by `kan_vit.flax_msgpack`.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ __all__ = ["ConvertError", "flax_to_timm", "timm_to_flax", "infer_flax_architect
 
 TORCH_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 FLAX_SUFFIX = ".msgpack"
+TIMM_CONFIG_NAME = "config.json"  # what timm's `local-dir:` and `hf-hub:` sources read
 DEFAULT_IMAGE_SIZE = 224
 # timm names registered by kan_vit.vision_transformer, by feed-forward kind.
 MODEL_NAMES = {
@@ -240,7 +242,10 @@ def _read_architecture(leaves: dict, side: int, what: str) -> dict:
 
 
 def infer_flax_architecture(params: dict, image_size: int | None = None) -> dict:
-    """Read the architecture off an original tree (§1); only a sincos2d model's image size is not in it."""
+    """Read the architecture off an original tree (docs/original.md, "Checkpoints").
+
+    Only a sincos2d model's image size is not in it.
+    """
     if not isinstance(params, dict) or not isinstance(params.get("model"), dict):
         raise ConvertError("not a KAN-ViT/ViT checkpoint: the top-level key 'model' is missing")
     leaves = _flatten(params["model"])
@@ -453,7 +458,9 @@ def _flax_to_torch_file(src: Path, dst: Path, image_size: int | None, exclude_he
     print(f"Parameters: {sum(v.numel() for v in state_dict.values()):,}")
     print(f"timm: {name} {json.dumps(model_args)}")
     sidecar = dst.with_suffix(".json")
-    with atomic_outputs(dst, sidecar) as (tmp, tmp_sidecar):
+    timm_config = dst.parent / TIMM_CONFIG_NAME
+    _check_replaceable_timm_config(timm_config)
+    with atomic_outputs(dst, sidecar, timm_config) as (tmp, tmp_sidecar, tmp_timm_config):
         if dst.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -461,7 +468,31 @@ def _flax_to_torch_file(src: Path, dst: Path, image_size: int | None, exclude_he
         else:
             torch.save(state_dict, tmp)
         Path(tmp_sidecar).write_text(json.dumps({"model": name, "model_args": model_args}, indent=2) + "\n")
-    print(f"Wrote {dst} and {sidecar}")
+        _write_timm_config(name, model_args, tmp_timm_config)
+    print(f"Wrote {dst}, {sidecar} and {timm_config}")
+
+
+def _check_replaceable_timm_config(path: Path) -> None:
+    """A `config.json` already in OUT's folder is replaced only if it is a timm config."""
+    if not path.exists():
+        return
+    try:
+        is_timm_config = "architecture" in json.loads(path.read_text())
+    except (ValueError, TypeError):
+        is_timm_config = False
+    if not is_timm_config:
+        raise ConvertError(f"{path} exists and is not a timm config; write OUT into another folder")
+
+
+def _write_timm_config(name: str, model_args: dict, path: str) -> None:
+    """timm's `config.json` for the weights, written by timm itself from the model it describes,
+    so that `timm.create_model("local-dir:FOLDER", pretrained=True)` rebuilds and loads them."""
+    import timm
+    from timm.models._hub import save_config_for_hf
+
+    with torch.device("meta"):
+        model = timm.create_model(name, **model_args)
+    save_config_for_hf(model, path, model_args=model_args)
 
 
 def _torch_to_flax_file(
@@ -493,7 +524,9 @@ def _parser() -> argparse.ArgumentParser:
             "(.safetensors, .pth). The direction follows the suffixes. Flax -> PyTorch infers the "
             "architecture from the tree and writes OUT plus OUT with suffix .json: "
             '{"model": <timm name>, "model_args": {...}} for timm.create_model(model, '
-            "pretrained=True, pretrained_cfg_overlay=dict(file=OUT), **model_args). "
+            "pretrained=True, pretrained_cfg_overlay=dict(file=OUT), **model_args), and timm's "
+            "config.json in OUT's folder for timm.create_model('local-dir:FOLDER', pretrained=True) "
+            "(one model per folder; name OUT model.safetensors). "
             "PyTorch -> Flax reads a file we wrote, a trainer checkpoint (dict with a 'model' key) "
             "or a timm ViT name of the MLP kind; timm's class-token position embedding is "
             "added to cls_token (the original has none), and timm's own vit_*/deit_* models use "

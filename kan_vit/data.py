@@ -1,4 +1,4 @@
-"""Train and validation loaders (original-semantics §3-§4): uint8 batches for the device.
+"""Train and validation loaders (docs/original.md, "Data"): uint8 batches for the device.
 
 Formats: webdataset tar shards (keys `jpg`/`cls`; local paths, brace patterns, URLs through
 webdataset's `gopen`, e.g. `pipe:gsutil cat ...` or http), torchvision ImageFolder directories, and

@@ -1,4 +1,4 @@
-"""Optimization as the original (original-semantics §3): decay mask, layer-wise lr decay,
+"""Optimization as the original (docs/original.md, "Training"): decay mask, layer-wise lr decay,
 AdamW / LAMB, and the warmup-cosine schedule computed on the device.
 
 XLA: the schedule runs on a 0-dim device step tensor and `set_lr` stores device tensors in the

@@ -1,4 +1,4 @@
-"""Fine-tuning starts: load any checkpoint into a configured model (original-semantics §4).
+"""Fine-tuning starts: load any checkpoint into a configured model (docs/original.md, "Fine-tuning").
 
 Accepted files: our trainer checkpoints and `.pth` state dicts (a "model" entry or a plain state
 dict), `.safetensors` (the converter's output), and the original's `.msgpack` (converted on the

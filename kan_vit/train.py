@@ -1,4 +1,4 @@
-"""The trainer (original-semantics §3): one process per XLA device (TPU chip) via `xmp.spawn`.
+"""The trainer (docs/original.md, "Training"): one process per XLA device (TPU chip) via `xmp.spawn`.
 
 Reads like PyTorch/XLA's ImageNet reference script: `train` builds everything, then runs a linear
 loop of `train_step` and, every eval_interval updates and at the end, `evaluate` + checkpoints.

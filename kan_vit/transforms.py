@@ -1,6 +1,6 @@
-"""Image transforms (original-semantics §4): PIL in, uint8 CHW tensor out.
+"""Image transforms (docs/original.md, "Data"): PIL in, uint8 CHW tensor out.
 
-Normalisation happens on the device (§2), so every transform here ends in uint8.
+Normalisation happens on the device, as in the original, so every transform here ends in uint8.
 """
 from __future__ import annotations
 

@@ -122,6 +122,9 @@ class KanVisionTransformer(VisionTransformer):
             raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {pooling!r}")
         if drop_path_schedule not in DROP_PATH_SCHEDULES:
             raise ValueError(f"drop_path_schedule must be one of {DROP_PATH_SCHEDULES}, got {drop_path_schedule!r}")
+        global_pool = "token" if pooling == "cls" else "avg"
+        if kwargs.get("global_pool") == global_pool:  # timm's exported config.json records it
+            del kwargs["global_pool"]
         for key in _DERIVED_TIMM_ARGS.keys() & kwargs.keys():
             hint = f"; set {_DERIVED_TIMM_ARGS[key]}= instead" if _DERIVED_TIMM_ARGS[key] else ""
             raise ValueError(f"KanVisionTransformer fixes timm's {key!r} to the original's{hint}")
@@ -135,7 +138,7 @@ class KanVisionTransformer(VisionTransformer):
             mlp_layer = Mlp
         super().__init__(
             class_token=pooling == "cls",
-            global_pool="token" if pooling == "cls" else "avg",
+            global_pool=global_pool,
             fc_norm=False,
             no_embed_class=True,
             pos_embed="learn" if posemb == "learnable" else "none",
@@ -179,6 +182,14 @@ class KanVisionTransformer(VisionTransformer):
         final norm and head (timm's MATCH_PREV_GROUP, 99999) with the last block, id L."""
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^(?:norm|head)\.", (99999,))])
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm calls this instead of its state-dict loader when the pretrained cfg sets
+        `custom_load` (the original's `.msgpack` weights): any file `kan_vit.pretrained` reads,
+        converted, with the position embedding and head adapted as `checkpoint_filter_fn` does."""
+        from .pretrained import load_weights  # deferred: it imports the converter, which imports us
+
+        load_weights(self, checkpoint_path)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """timm's `no_embed_class` path: position embedding on the patch tokens, class (and
@@ -282,13 +293,24 @@ def _cfg(**kwargs) -> dict:
     }
 
 
+# The original's published ImageNet-1k weights (the deit3-jax README's "ckpt" links): Flax
+# `.msgpack` files, which timm downloads through its hub machinery and hands to
+# `KanVisionTransformer.load_pretrained` (custom_load="hf") to convert.
+DEIT3_JAX_HUB_ID = "affjljoo3581/deit3-jax"
+
+
+def _deit3_jax_cfg(size: str) -> dict:
+    return _cfg(hf_hub_id=DEIT3_JAX_HUB_ID, hf_hub_filename=f"deit-{size}16-224-in1k-300ep-best.msgpack",
+                custom_load="hf")
+
+
 default_cfgs = generate_default_cfgs({
     "kan_vit_tiny_patch16_224": _cfg(),
     "kan_vit_small_patch16_224": _cfg(),
     "kan_vit_base_patch16_224": _cfg(),
-    "deit_jax_tiny_patch16_224": _cfg(),
-    "deit_jax_small_patch16_224": _cfg(),
-    "deit_jax_base_patch16_224": _cfg(),
+    "deit_jax_tiny_patch16_224.in1k": _deit3_jax_cfg("t"),
+    "deit_jax_small_patch16_224.in1k": _deit3_jax_cfg("s"),
+    "deit_jax_base_patch16_224.in1k": _deit3_jax_cfg("b"),
 })
 
 

@@ -1,6 +1,6 @@
 """Independent NumPy re-implementation of the original JAX/Flax KAN-ViT forward pass (eval mode).
 
-Runs directly on the original's parameter tree (nested dict, layout of original-semantics §1),
+Runs directly on the original's parameter tree (nested dict, layout in docs/original.md, "Checkpoints"),
 so it shares no code with the PyTorch model or the converter. Everything the architecture needs
 is read off the tree: heads from wq's kernel, K from the coefficients, pooling from cls_token,
 posemb from wpe, layerscale from scale1. Used by the model and converter tests in float64.

@@ -1,4 +1,4 @@
-"""Config loading, --set overrides, validation, the shipped recipes (original-semantics §5-§6),
+"""Config loading, --set overrides, validation, the shipped recipes (docs/original.md, "Recipes"),
 and the launcher's refusal to start on a bad config."""
 import os
 import subprocess
@@ -84,7 +84,7 @@ def test_batch_divisibility_counts_replicas():
         C.validate(cfg, world_size=3)
 
 
-# The published recipes, written out here from original-semantics §6 (not read from our files).
+# The published recipes, written out here from the original's config/deit/*.sh (not read from our files).
 COMMON = {
     "data.train_batch_size": 1024, "data.valid_batch_size": 512, "data.train_loader_workers": 40,
     "data.valid_loader_workers": 10, "augment.random_crop": "rrc", "augment.color_jitter": 0.0,

@@ -1,4 +1,4 @@
-"""Flax <-> PyTorch checkpoint conversion (issue 3).
+"""Flax <-> PyTorch checkpoint conversion.
 
 Fixtures are written by the real `flax.serialization`; converted models are checked against the
 independent NumPy forward pass (tests/numpy_reference.py) in float64.
@@ -146,6 +146,31 @@ def test_cli_flax_to_timm_to_flax(variant, tmp_path, capsys):
     assert main([str(out), str(back)]) == 0  # heads come from the sidecar
     assert back.read_bytes() == src.read_bytes()  # every leaf bit-identical, same layout
     _assert_trees_identical(serialization.msgpack_restore(back.read_bytes()), params)
+
+
+@pytest.mark.parametrize("variant", ["kan-learnable-cls", "kan-sincos2d-gap-layerscale"])
+def test_converted_folder_loads_with_local_dir(variant, tmp_path):
+    """The converter writes timm's config.json next to the weights: `local-dir:` rebuilds the
+    architecture (classes, depth, degree, image size of a sincos2d model) and loads them."""
+    params = random_params(seed=6, **SMALL, **VARIANTS[variant])
+    src = _write_flax(tmp_path / "orig.msgpack", params)
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    assert main([str(src), str(folder / "model.safetensors"), "--image-size", str(IMAGE_SIZE)]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_classes"] == 5 and config["pretrained_cfg"]["input_size"] == [3, IMAGE_SIZE, IMAGE_SIZE]
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    logits = model.double().eval()(torch.from_numpy(_images())).detach().numpy()
+    assert np.abs(logits - reference_forward(params, _images())).max() <= 1e-6
+
+
+def test_foreign_config_json_is_not_overwritten(tmp_path, capsys):
+    src = _write_flax(tmp_path / "orig.msgpack", random_params(seed=6, **SMALL))
+    (tmp_path / "config.json").write_text('{"lr": 0.1}')
+    assert main([str(src), str(tmp_path / "model.safetensors")]) == 1
+    assert "config.json exists and is not a timm config" in capsys.readouterr().err
+    assert (tmp_path / "config.json").read_text() == '{"lr": 0.1}'
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_named_sizes_get_registered_names():

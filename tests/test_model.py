@@ -1,5 +1,8 @@
 """KAN-ViT / DeiT-JAX models: timm integration, sizes, init, and equality with the original's math."""
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +22,7 @@ SMALL = dict(img_size=32, depth=2, num_classes=7)
 
 def expected_param_count(dim, layers=12, patch=16, grid=14, labels=1000, degree=None,
                          learnable=True, cls=True, layerscale=False):
-    """Closed form of the original's parameter count (original-semantics §1 table)."""
+    """Closed form of the original's parameter count (the tree in docs/original.md, "Checkpoints")."""
     embed = patch * patch * 3 * dim + dim + (grid * grid * dim if learnable else 0) + (dim if cls else 0)
     attn = 3 * (dim * dim + dim) + dim * dim + dim
     ff = dim * dim * (degree + 1) if degree else (dim * 4 * dim + 4 * dim) + (4 * dim * dim + dim)
@@ -187,7 +190,7 @@ def test_drop_path_drops_whole_samples_and_rescales():
     dict(degree=None, posemb="learnable", pooling="cls", layerscale=False),
 ])
 def test_matches_numpy_reference_float64(variant):
-    """The PyTorch model computes the original's function (§2): max |dlogits| <= 1e-6 in float64."""
+    """The original's function (docs/original.md, "Forward pass"): max |dlogits| <= 1e-6, float64."""
     params = random_params(seed=1, layers=3, dim=16, heads=2, patch=4, grid=3, labels=5, **variant)
     state_dict, name, model_args = flax_to_timm(params, image_size=12)
     model = timm.create_model(name, **model_args).double().eval()
@@ -266,3 +269,52 @@ def test_torch_xla_forward_backward():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad.cpu(), cpu_grads[n], rtol=1e-3, atol=1e-5, msg=n)
     assert math.isfinite(loss.item())
+
+
+
+HUB_SCRIPT = """
+import sys, timm, torch, kan_vit
+from huggingface_hub.errors import LocalEntryNotFoundError
+from kan_vit import flax_msgpack
+from kan_vit.convert import flax_to_timm
+
+try:  # an empty cache: the hub download is really attempted, and refused offline
+    timm.create_model("deit_jax_tiny_patch16_224.in1k", pretrained=True, cache_dir=sys.argv[2])
+    raise SystemExit("loaded without the file")
+except LocalEntryNotFoundError:
+    pass
+expected, _, _ = flax_to_timm(flax_msgpack.load(sys.argv[1]))
+model = timm.create_model("deit_jax_tiny_patch16_224.in1k", pretrained=True)
+assert model.state_dict().keys() == expected.keys()
+for key, value in model.state_dict().items():
+    assert torch.equal(value, expected[key]), key
+retargeted = timm.create_model("deit_jax_tiny_patch16_224.in1k", pretrained=True, num_classes=10)
+assert retargeted.head.out_features == 10  # a new head; the rest is the checkpoint's
+assert torch.equal(retargeted.pos_embed, expected["pos_embed"])
+print("loaded from", model.pretrained_cfg["hf_hub_id"], model.pretrained_cfg["hf_hub_filename"])
+"""
+
+
+@pytest.mark.slow
+def test_hub_tag_loads_the_original_msgpack_from_the_hub_cache(tmp_path):
+    """`deit_jax_*.in1k` goes through timm's hub download (offline, the file already where the
+    hub cache keeps it) and converts the original's Flax file on load."""
+    from flax.serialization import msgpack_serialize
+
+    cfg = timm.get_pretrained_cfg("deit_jax_tiny_patch16_224.in1k")
+    assert (cfg.hf_hub_id, cfg.hf_hub_filename) == ("affjljoo3581/deit3-jax", "deit-t16-224-in1k-300ep-best.msgpack")
+    params = random_params(seed=5, layers=12, dim=192, heads=3, patch=16, grid=14, labels=1000, degree=None)
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--affjljoo3581--deit3-jax"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (snapshot / cfg.hf_hub_filename).write_bytes(msgpack_serialize(params))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    result = subprocess.run(
+        [sys.executable, "-c", HUB_SCRIPT, str(snapshot / cfg.hf_hub_filename), str(tmp_path / "empty")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "loaded from affjljoo3581/deit3-jax deit-t16-224-in1k-300ep-best.msgpack" in result.stdout

@@ -1,4 +1,4 @@
-"""Optimization (original-semantics §3) against closed forms written out here in NumPy / math,
+"""Optimization (docs/original.md, "Training") against closed forms written out here in NumPy / math,
 and the XLA step: no recompiles or CPU fallbacks when the lr changes."""
 import math
 

@@ -1,4 +1,4 @@
-"""Fine-tuning starts (original-semantics §4): position-embedding resize, head re-init, label mapping."""
+"""Fine-tuning starts (docs/original.md, "Fine-tuning"): position-embedding resize, head re-init, label mapping."""
 import json
 
 import jax
