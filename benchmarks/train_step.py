@@ -22,19 +22,21 @@ from common import machine_info, median_ms, saved_activation_bytes
 MODELS = ["vit_small_patch16_224", "kan_vit_small_patch16_224", "deit_jax_small_patch16_224"]
 
 
-def make_step(name, batch):
+def make_step(name, batch, compiled=False):
+    """(model, images, train step, forward): `compiled` runs the model under torch.compile."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=1000).train()
+    forward = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, 224, 224)
     labels = torch.randint(0, 1000, (batch,))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        torch.nn.functional.cross_entropy(forward(images), labels).backward()
         opt.step()
 
-    return model, images, step
+    return model, images, step, forward
 
 
 def peak_step_mib(step, params) -> float:
@@ -57,14 +59,14 @@ def main():
     args = parser.parse_args()
 
     built = {name: make_step(name, args.batch) for name in MODELS}
-    times = median_ms({name: step for name, (_, _, step) in built.items()}, args.reps, warmup=2)
+    times = median_ms({name: step for name, (_, _, step, _) in built.items()}, args.reps, warmup=2)
     print(machine_info())
     print(f"train step: batch {args.batch}, 224 px, fwd+bwd+AdamW, eager float32, "
           f"median of {args.reps} reps after 2 warm-up\n")
     print("| model | params | step ms | vs vit_small | saved for backward (MiB) | peak step memory (MiB) |")
     print("|---|---:|---:|---:|---:|---:|")
     base = times[MODELS[0]]
-    for name, (model, images, step) in built.items():
+    for name, (model, images, step, _) in built.items():
         params = list(model.parameters())
         saved = saved_activation_bytes(partial(model, images), exclude=params) / 2**20
         peak = peak_step_mib(step, params)

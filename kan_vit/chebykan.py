@@ -11,6 +11,9 @@ Two formulations compute the same function:
   tanh and the basis in backward; dL/dt = sum_k dL/dT_k * k U_(k-1)(t) is summed by Clenshaw's
   recurrence. T_0 = 1 is folded into a constant (sum_i C[i, :, 0]), so the GEMM has K*in
   columns: exactly the FLOPs of a 4x MLP at K = 8.
+
+`ChebyKAN` uses `cheby_kan` eagerly, on XLA and under torch.compile / torch.export (both trace
+it), and the reference when scripted: TorchScript cannot compile an autograd Function.
 """
 from __future__ import annotations
 
@@ -27,15 +30,16 @@ def cheby_kan_reference(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Te
     basis = [torch.ones_like(t), t]
     for _ in range(2, degree + 1):
         basis.append(2 * t * basis[-1] - basis[-2])
-    basis = torch.stack(basis[: degree + 1], dim=-1)
-    return torch.einsum("...ik,iok->...o", basis, coefficients)
+    return torch.einsum("...ik,iok->...o", torch.stack(basis[: degree + 1], dim=-1), coefficients)
 
 
 def _writes_in_place(t: torch.Tensor) -> bool:
     """Eager: recurrences write into slices of one buffer (no temporaries, no concatenation).
     XLA: fresh tensors and one cat instead; slice updates made its graph 2.6x larger (720 vs 275
-    HLO instructions for one layer's forward + backward, counted as in benchmarks/kan_xla.py)."""
-    return t.device.type != "xla"
+    HLO instructions for one layer's forward + backward, counted as in benchmarks/kan_xla.py).
+    torch.compile / torch.export trace the functional ops too: out= into a slice does not
+    functionalize, and the compiler plans its own buffers."""
+    return t.device.type != "xla" and not torch.compiler.is_compiling()
 
 
 def _sign(j):
@@ -159,7 +163,15 @@ def _compute_dtype(x: torch.Tensor, coefficients: torch.Tensor) -> torch.dtype:
 
 def cheby_kan(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """Memory-efficient Chebyshev-KAN: same function as `cheby_kan_reference`."""
-    return _ChebyKANFunction.apply(x, coefficients, _compute_dtype(x, coefficients))
+    compute_dtype = _compute_dtype(x, coefficients)
+    if torch.compiler.is_dynamo_compiling():
+        # torch.compile's partitioner merges the backward's recomputed basis with the forward's
+        # and would keep it for backward (K floats per input); a checkpoint region makes it
+        # recompute instead, so the compiled graph too saves only x.
+        return torch.utils.checkpoint.checkpoint(
+            _ChebyKANFunction.apply, x, coefficients, compute_dtype, use_reentrant=False
+        )
+    return _ChebyKANFunction.apply(x, coefficients, compute_dtype)
 
 
 class ChebyKAN(nn.Module):
@@ -199,9 +211,9 @@ class ChebyKAN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
-                f"ChebyKAN expects inputs with last dim {self.in_features}, got shape {tuple(x.shape)}"
+                f"ChebyKAN expects inputs with last dim {self.in_features}, got shape {list(x.shape)}"
             )
-        if self.memory_efficient:
+        if self.memory_efficient and not torch.jit.is_scripting():
             return cheby_kan(x, self.coefficients)
         return cheby_kan_reference(x, self.coefficients)
 

@@ -11,12 +11,13 @@ Built on timm's `VisionTransformer`; the options below express the original's se
 from __future__ import annotations
 
 from functools import partial
+from typing import List, Optional
 
 import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_tf_
+from timm.layers import DropPath, LayerScale, Mlp, register_notrace_module, resample_abs_pos_embed, trunc_normal_tf_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
@@ -41,7 +42,7 @@ _DERIVED_TIMM_ARGS = {
 
 
 def sincos2d_position_embedding(
-    grid_h: int, grid_w: int, dim: int, dtype=torch.float32, device=None
+    grid_h: int, grid_w: int, dim: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None
 ) -> torch.Tensor:
     """The original's fixed table, (grid_h * grid_w, dim), rows in row-major patch order.
 
@@ -59,6 +60,10 @@ def sincos2d_position_embedding(
     wf = w.reshape(-1, 1) * freqs
     hf = h.reshape(-1, 1) * freqs
     return torch.cat([wf.sin(), wf.cos(), hf.sin(), hf.cos()], dim=1).to(dtype)
+
+
+# A leaf for timm's fx feature extraction: its shape check and autograd Function do not trace.
+register_notrace_module(ChebyKAN)
 
 
 class ChebyKANFeedForward(nn.Module):
@@ -176,22 +181,44 @@ class KanVisionTransformer(VisionTransformer):
                     blocks=[(r"^blocks\.(\d+)", None), (r"^(?:norm|head)\.", (99999,))])
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.posemb == "learnable":
-            return super()._pos_embed(x)
-        if x.ndim == 4:  # dynamic_img_size gives NHWC
-            grid_h, grid_w = x.shape[1:3]
+        """timm's `no_embed_class` path: position embedding on the patch tokens, class (and
+        register) tokens prepended, then dropout; the sincos table is computed for the grid.
+        Written out rather than through super(), which TorchScript does not support."""
+        if self.dynamic_img_size:  # NHWC patch grid
+            grid_h, grid_w = x.shape[1], x.shape[2]
             x = x.flatten(1, 2)
         else:
             grid_h, grid_w = self.patch_embed.grid_size
-        x = x + sincos2d_position_embedding(grid_h, grid_w, x.shape[-1], x.dtype, x.device)
-        return self.pos_drop(super()._pos_embed(x))  # timm skips pos_drop without a pos_embed
+        if self.pos_embed is None:
+            pos_embed = sincos2d_position_embedding(grid_h, grid_w, x.shape[-1], x.dtype, x.device)
+        elif self.dynamic_img_size:
+            pos_embed = resample_abs_pos_embed(
+                self.pos_embed, new_size=(grid_h, grid_w), old_size=self.patch_embed.grid_size,
+                num_prefix_tokens=0,
+            )
+        else:
+            pos_embed = self.pos_embed
+        x = x + pos_embed
+        prefix: List[torch.Tensor] = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(x.shape[0], -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
+        if prefix:
+            x = torch.cat(prefix + [x], dim=1)
+        return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        if not self.grad_checkpointing or attn_mask is not None or is_causal:
-            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+    def forward_features(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        """timm's, with grad checkpointing per block by `_checkpoint_block` (torch_xla's on XLA)."""
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        checkpointed = self.grad_checkpointing and attn_mask is None and not is_causal
         for block in self.blocks:
-            x = _checkpoint_block(block, x)
+            if checkpointed and not torch.jit.is_scripting():
+                x = _checkpoint_block(block, x)
+            else:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
         return self.norm(x)
 
 

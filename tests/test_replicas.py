@@ -3,10 +3,8 @@
 Every test here checks its replica count, so none of them can pass with one replica."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from kan_vit import checkpoint, train
 from kan_vit.config import load, to_dict
 from kan_vit.metrics_log import RunLogger, read_metrics
 from cpu_processes import torchrun, without_torch_xla_env
+from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
 from test_train import DEMO, LAUNCH, tiny_overrides
 
 JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "replica_jobs.py")
@@ -126,32 +125,10 @@ def test_two_replicas_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
 
     broken = tmp_path / "broken"
     command, env = _launch(overrides(broken), 2)
-    proc = subprocess.Popen(command, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not (broken / "last.pth").exists():
-            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    killed_at = checkpoint.load(str(broken / "last.pth"))["step"]
-    assert killed_at < 24, "the kill came too late to test anything"
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"at step {killed_at}" in rerun.stdout + rerun.stderr
-
-    a, b = checkpoint.load(str(tmp_path / "whole" / "last.pth")), checkpoint.load(str(broken / "last.pth"))
-    assert a["step"] == b["step"] == 24 and len(a["rng"]) == len(b["rng"]) == 2
-    for key, value in a["model"].items():
-        assert (value - b["model"][key]).abs().max().item() <= 1e-6, key
-    ma, mb = read_metrics(str(tmp_path / "whole" / "metrics.jsonl")), read_metrics(str(broken / "metrics.jsonl"))
-    assert [r["step"] for r in ma] == [r["step"] for r in mb]
-    for ra, rb in zip(ma, mb):
-        for key, value in ra.items():
-            if not key.startswith("perf/"):
-                assert rb[key] == pytest.approx(value, abs=1e-6), (ra["step"], key)
+    killed_at = kill_at_first_checkpoint(command, env, broken, total_steps=24)
+    rerun_resumes(command, env, broken, killed_at)
+    assert_same_end(tmp_path / "whole", broken, total_steps=24)
+    assert len(checkpoint.load(str(broken / "last.pth"))["rng"]) == 2
 
 
 def test_resuming_with_another_replica_count_is_a_clear_error(tmp_path):

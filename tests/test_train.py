@@ -2,10 +2,8 @@
 accumulation, data-parallel equivalence under SPMD, and a short real run of the demo."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from kan_vit import checkpoint, train
 from kan_vit.config import load, to_dict
 from kan_vit.data import create_train_loader, create_valid_loader
 from kan_vit.metrics_log import RunLogger, read_metrics
+from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
 from kan_vit.optim import lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,38 +242,9 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     train.train(load(DEMO, _resume_overrides(whole)))  # the uninterrupted run, in this process
     command = [sys.executable, LAUNCH, "--config", DEMO] + [a for s in _resume_overrides(broken) for a in ("--set", s)]
-
-    # Kill the whole process tree (launcher + spawned trainer) as soon as the first checkpoint exists.
-    proc = subprocess.Popen(command, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not (broken / "last.pth").exists():
-            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    killed_at = checkpoint.load(str(broken / "last.pth"))["step"]
-    assert killed_at < 32, "the kill came too late to test anything"
-
-    rerun = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resuming from {broken / 'last.pth'} at step {killed_at}" in rerun.stdout + rerun.stderr
-
-    a, b = checkpoint.load(str(whole / "last.pth")), checkpoint.load(str(broken / "last.pth"))
-    assert a["step"] == b["step"] == 32
-    for key, value in a["model"].items():
-        assert (value - b["model"][key]).abs().max().item() <= 1e-6, key
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert (pa[key] - pb[key]).abs().max().item() <= 1e-6
-    ma, mb = read_metrics(str(whole / "metrics.jsonl")), read_metrics(str(broken / "metrics.jsonl"))
-    assert [r["step"] for r in ma] == [r["step"] for r in mb]
-    for ra, rb in zip(ma, mb):
-        for key, value in ra.items():
-            if not key.startswith("perf/"):
-                assert rb[key] == pytest.approx(value, abs=1e-6), (ra["step"], key)
+    killed_at = kill_at_first_checkpoint(command, env, broken, total_steps=32)
+    rerun_resumes(command, env, broken, killed_at)
+    assert_same_end(whole, broken, total_steps=32)
 
 
 @pytest.mark.slow

@@ -1,0 +1,52 @@
+"""Kill -9 a training run at its first checkpoint, rerun it, and compare it with an uninterrupted
+run: shared by the one-replica and multi-replica resume tests."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from kan_vit import checkpoint
+from kan_vit.metrics_log import read_metrics
+
+
+def kill_at_first_checkpoint(command: list[str], env: dict, out_dir, total_steps: int) -> int:
+    """Start `command`, SIGKILL its whole process tree once out_dir/last.pth exists, and return the
+    checkpoint's step."""
+    proc = subprocess.Popen(command, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (out_dir / "last.pth").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = checkpoint.load(str(out_dir / "last.pth"))["step"]
+    assert killed_at < total_steps, "the kill came too late to test anything"
+    return killed_at
+
+
+def rerun_resumes(command: list[str], env: dict, out_dir, killed_at: int) -> None:
+    rerun = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming from {out_dir / 'last.pth'} at step {killed_at}" in rerun.stdout + rerun.stderr
+
+
+def assert_same_end(whole_dir, resumed_dir, total_steps: int) -> None:
+    """Same final parameters and Adam moments (1e-6) and the same logged records."""
+    a, b = checkpoint.load(str(whole_dir / "last.pth")), checkpoint.load(str(resumed_dir / "last.pth"))
+    assert a["step"] == b["step"] == total_steps and len(a["rng"]) == len(b["rng"])
+    for key, value in a["model"].items():
+        assert (value - b["model"][key]).abs().max().item() <= 1e-6, key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (pa[key] - pb[key]).abs().max().item() <= 1e-6
+    ma, mb = read_metrics(str(whole_dir / "metrics.jsonl")), read_metrics(str(resumed_dir / "metrics.jsonl"))
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    for ra, rb in zip(ma, mb):
+        for key, value in ra.items():
+            if not key.startswith("perf/"):
+                assert rb[key] == pytest.approx(value, abs=1e-6), (ra["step"], key)
