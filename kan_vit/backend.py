@@ -213,7 +213,7 @@ class AccelerateBackend:
         return self.accelerator.prepare_model(model)
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        return self.accelerator.unwrap_model(model, keep_fp32_wrapper=False, keep_torch_compile=False)
 
     def micro_batch(self, model: torch.nn.Module, last: bool):
         """DDP all-reduces the gradients in the last micro-batch's backward only."""

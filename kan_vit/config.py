@@ -5,6 +5,7 @@ original flag. Seeds live with what they seed.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -298,6 +299,15 @@ def validate(cfg: Config, world_size: int, backend: str = "xla") -> None:
            "step graph already: remove it (run.compile_cache_dir keeps XLA's compilations across runs)")
     _check(r.resume in ("auto", "never") or os.path.isfile(r.resume),
            f"run.resume must be auto, never or an existing checkpoint file; {r.resume!r} is none of these")
+
+
+def launcher_parser(description: str, config_help: str) -> argparse.ArgumentParser:
+    """The launchers' command line: --config and repeatable --set overrides (see `apply_overrides`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one key; the value is parsed as YAML; repeatable")
+    return parser
 
 
 def save(cfg: Config, path: str) -> None:

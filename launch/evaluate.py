@@ -12,14 +12,13 @@ exact number of images evaluated.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 
 from kan_vit import backend
-from kan_vit.config import ConfigError, from_dict, load, to_dict
+from kan_vit.config import ConfigError, from_dict, launcher_parser, load, to_dict
 from kan_vit.data import create_valid_loader
 from kan_vit.pretrained import load_weights
 from kan_vit.train import build_model, evaluate, load_checked_config, spawn
@@ -57,11 +56,8 @@ def _detect_backend() -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the training config (model and validation data)")
+    parser = launcher_parser(__doc__, "the training config (model and validation data)")
     parser.add_argument("--checkpoint", required=True, help="trainer checkpoint, .safetensors, .pth or .msgpack")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key; the value is parsed as YAML; repeatable")
     parser.add_argument("--backend", choices=("auto", backend.XLA, backend.ACCELERATE), default="auto",
                         help="where to run (default: auto, see above)")
     args = parser.parse_args(argv)

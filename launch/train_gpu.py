@@ -12,26 +12,17 @@ same command resumes from run.output_dir/last.pth (run.resume: auto | never | PA
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import yaml
 
 from kan_vit import backend
-from kan_vit.config import ConfigError, load, to_dict
+from kan_vit.config import ConfigError, launcher_parser, load, to_dict
 from kan_vit.train import DivergenceError, check_resume, expected_world_size, load_checked_config, train
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (sections data, augment, model, optim, schedule, run)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one key; the value is parsed as YAML; repeatable")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = launcher_parser(__doc__, "YAML config (sections data, augment, model, optim, schedule, run)").parse_args(argv)
     try:
         run = load(args.config, args.set).run  # the accelerator's precision and compilation come from it
         backend.use(backend.AccelerateBackend(bf16=run.bf16, compile=run.compile))

@@ -14,6 +14,7 @@ from kan_vit import checkpoint, train
 from kan_vit.config import load
 from kan_vit.metrics_log import read_metrics
 from cpu_processes import torchrun, without_torch_xla_env
+from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
 from test_replicas import BATCH, CLASSES, SIZE, _run_job, _valid_parts
 from test_train import DEMO, EVALUATE, ROOT, tiny_overrides
 
@@ -103,6 +104,25 @@ def test_two_process_demo_learns_and_both_backends_evaluate_its_checkpoint(tmp_p
 
 
 @pytest.mark.slow
+def test_two_processes_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
+    """Dropout and drop-path: the per-process RNG states matter; one loader worker per process."""
+    def overrides(out):
+        return tiny_overrides(out) + ["schedule.training_steps=24", "schedule.eval_interval=8",
+                                      "schedule.log_interval=4", "model.dropout=0.1", "model.droppath=0.1",
+                                      "data.train_loader_workers=2"]
+
+    env = without_torch_xla_env(tmp_path)
+    _check(subprocess.run(torchrun(2, TRAIN_GPU, *_args(overrides(tmp_path / "whole"))), env=env,
+                          capture_output=True, text=True, timeout=300))
+    broken = tmp_path / "broken"
+    command = torchrun(2, TRAIN_GPU, *_args(overrides(broken)))
+    killed_at = kill_at_first_checkpoint(command, env, broken, total_steps=24)
+    rerun_resumes(command, env, broken, killed_at)
+    assert_same_end(tmp_path / "whole", broken, total_steps=24)
+    assert len(checkpoint.load(str(broken / "last.pth"))["rng"]) == 2
+
+
+@pytest.mark.slow
 def test_bf16_on_cpu_processes_trains_with_finite_losses(tmp_path):
     """run.bf16 on CPU processes: accelerate's CPU autocast (bfloat16)."""
     overrides = tiny_overrides(tmp_path) + ["run.bf16=true", "schedule.training_steps=6", "schedule.log_interval=2"]
@@ -114,11 +134,32 @@ def test_bf16_on_cpu_processes_trains_with_finite_losses(tmp_path):
     assert all(v.dtype == torch.float32 for v in last["model"].values())  # autocast computes in bf16, stores f32
 
 
+@pytest.mark.slow
 def test_an_xla_checkpoint_does_not_resume_on_accelerate(tmp_path):
     """Device RNG states do not carry over between backends: a clear error that names the way out."""
-    train.train(load(DEMO, tiny_overrides(tmp_path) + ["schedule.training_steps=2", "schedule.log_interval=1"]))
+    train.train(load(DEMO, tiny_overrides(tmp_path) + ["schedule.training_steps=2", "schedule.warmup_steps=1"]))
     result = subprocess.run([sys.executable, TRAIN_GPU, *_args(tiny_overrides(tmp_path))],
                             env=without_torch_xla_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.startswith("config error: ") and "written on xla, this run is on accelerate" in result.stderr
     assert "model.pretrained_ckpt=PATH and run.resume=never" in result.stderr
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    """run.compile: torch.compile (inductor, on the CPU here) gives the eager run's parameters and
+    evaluation; its checkpoint holds the plain model's keys."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        overrides = tiny_overrides(out) + [f"run.compile={str(compiled).lower()}", "schedule.training_steps=4",
+                                           "model.droppath=0.0", "schedule.log_interval=1"]
+        _check(subprocess.run([sys.executable, TRAIN_GPU, *_args(overrides)], env=without_torch_xla_env(tmp_path),
+                              capture_output=True, text=True, timeout=600))
+        runs[compiled] = checkpoint.load(str(out / "last.pth"))
+    eager, compiled = runs[False], runs[True]
+    assert compiled["model"].keys() == eager["model"].keys()
+    for key, value in eager["model"].items():
+        torch.testing.assert_close(compiled["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for key in ("val/acc1", "val/loss"):
+        assert compiled["metrics"][key] == pytest.approx(eager["metrics"][key], abs=1e-4), key
