@@ -5,6 +5,7 @@ original flag. Seeds live with what they seed.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import difflib
@@ -101,7 +102,8 @@ class RunConfig:
     output_dir: str = "."
     wandb: str = "disabled"  # new: disabled | offline | online
     resume: str = "auto"  # new: auto (continue from output_dir/last.pth if present) | never | PATH
-    bf16: bool = False  # new: bfloat16 autocast of forward + loss on the XLA device
+    bf16: bool = False  # new: bfloat16 autocast of forward + loss (XLA, CUDA or CPU device)
+    compile: bool = False  # new, accelerate only: torch.compile the model (XLA compiles every step anyway)
     export_flax: bool = False  # new: also write {name}-last/best.msgpack in the original's format
     compile_cache_dir: Optional[str] = None  # new: persistent XLA compile cache (one subdir per process)
 
@@ -231,8 +233,9 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Value and combination checks for a training run on `world_size` replicas."""
+def validate(cfg: Config, world_size: int, backend: str = "xla") -> None:
+    """Value and combination checks for a training run on `world_size` replicas of `backend`
+    (xla | accelerate)."""
     for key, choices in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -288,8 +291,23 @@ def validate(cfg: Config, world_size: int) -> None:
     for key in ("pretrained_ckpt", "label_mapping"):
         value = getattr(m, key)
         _check(value is None or os.path.isfile(value), f"model.{key} {value!r} is not a file")
+    _check(backend == "xla" or not r.compile_cache_dir,
+           "run.compile_cache_dir is the XLA compile cache: remove it when training with accelerate "
+           "(launch/train_gpu.py); run.compile=true compiles there")
+    _check(backend == "accelerate" or not r.compile,
+           "run.compile is torch.compile under accelerate (launch/train_gpu.py); torch_xla compiles every "
+           "step graph already: remove it (run.compile_cache_dir keeps XLA's compilations across runs)")
     _check(r.resume in ("auto", "never") or os.path.isfile(r.resume),
            f"run.resume must be auto, never or an existing checkpoint file; {r.resume!r} is none of these")
+
+
+def launcher_parser(description: str, config_help: str) -> argparse.ArgumentParser:
+    """The launchers' command line: --config and repeatable --set overrides (see `apply_overrides`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one key; the value is parsed as YAML; repeatable")
+    return parser
 
 
 def save(cfg: Config, path: str) -> None:

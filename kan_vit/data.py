@@ -253,6 +253,13 @@ def _count(value: int) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.int64)
 
 
+def _own_generator() -> torch.Generator:
+    """For the DataLoader's per-iterator seed draw (unused: workers seed from the data position),
+    which would otherwise advance the global torch RNG: on a CPU device that is the dropout RNG,
+    and a resumed run, which starts its iterator at another point, would drift from an uninterrupted one."""
+    return torch.Generator()
+
+
 def _worker():
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
@@ -306,8 +313,8 @@ def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0
         urls = expand_urls(_source(cfg, "train"))
         items = partial(_shard_items, urls, cfg, world_size, rank)  # picklable: spawn-started workers
     workers = loader_workers(cfg.data.train_loader_workers, local_replicas)
-    return DataLoader(_TrainBatches(items, cfg, rank, start_batch, batch_size),
-                      batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+    return DataLoader(_TrainBatches(items, cfg, rank, start_batch, batch_size), batch_size=None,
+                      num_workers=workers, persistent_workers=workers > 0, generator=_own_generator())
 
 
 def _shard_samples(urls):
@@ -383,5 +390,6 @@ def create_valid_loader(cfg, *, world_size: int, rank: int, local_replicas: int 
     mine = planned[rank]
     mine[0] += max(map(sum, planned)) - sum(mine)
     dataset = _ValidBatches([[units[u] for u in part] for part in parts[rank]], mine, samples, cfg, batch_size)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                        generator=_own_generator())
     return loader, sum(sizes[u] for part in parts[rank] for u in part)

@@ -1,13 +1,16 @@
-"""The trainer (docs/original.md, "Training"): one process per XLA device (TPU chip) via `xmp.spawn`.
+"""The trainer (docs/original.md, "Training"): one process per XLA device (TPU chip) via `xmp.spawn`, or
+one process per GPU (or CPU process) via accelerate. The loop is written once; what differs
+between the two runtimes is a `kan_vit.backend` method (`backend.current()`).
 
 Reads like PyTorch/XLA's ImageNet reference script: `train` builds everything, then runs a linear
 loop of `train_step` and, every eval_interval updates and at the end, `evaluate` + checkpoints.
 
-XLA rules, all kept in `train_step` / `evaluate` / `_normalize`:
+XLA rules, all kept in `train_step` / `evaluate` / `_normalize` (harmless under accelerate, where
+`backend.sync` is a no-op and step closures run at once):
 - uint8 images travel to the device (MpDeviceLoader) and are normalised there;
 - every scalar that changes between updates (step, lr, interval sums, the first non-finite step)
   is a device tensor, so each update runs the same compiled graph;
-- nothing inside a step reads a device value: log values are read in `xm.add_step_closure` after
+- nothing inside a step reads a device value: log values are read in a step closure (`after_step`) after
   the step's graph ran, evaluation reads its sums once at its end, checkpoints at their boundary.
 """
 from __future__ import annotations
@@ -20,13 +23,10 @@ from dataclasses import dataclass
 import timm
 import torch
 import torch.nn.functional as F
-import torch_xla
-import torch_xla.core.xla_model as xm
-import torch_xla.distributed.parallel_loader as pl
-import torch_xla.runtime as xr
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from . import checkpoint, cpu_replicas
+from . import checkpoint
+from .backend import XlaBackend, current, rng_backend
 from .config import Config, from_dict, load, save as save_config, to_dict, validate
 from .convert import save_flax, timm_to_flax
 from .data import check_dataset, create_train_loader, create_valid_loader
@@ -44,23 +44,15 @@ class DivergenceError(RuntimeError):
 
 
 def expected_world_size() -> int:
-    """The number of replicas `xmp.spawn` will run, without touching the XLA runtime (which must
-    not start before spawning): all chips of all hosts on TPU, CPU_NUM_DEVICES on CPU."""
-    device = xr.device_type()
-    if device == "TPU":
-        from torch_xla._internal import tpu
-
-        return tpu.num_expected_global_devices()
-    if device == "CPU":
-        return int(os.environ.get("CPU_NUM_DEVICES", "1"))
-    raise RuntimeError(f"PJRT_DEVICE={device}: this trainer supports TPU (and CPU for tests)")
+    """The number of processes (replicas) the current backend will run, known before they start."""
+    return current().expected_world_size()
 
 
 def load_checked_config(path: str, overrides: list[str]) -> Config:
-    """The launchers' config: loaded, `--set` applied, values, combinations and datasets checked,
-    all before any process is spawned (raises ConfigError / ValueError)."""
+    """The launchers' config: loaded, `--set` applied, values, combinations (for the current
+    backend) and datasets checked, all before any process is spawned (raises ConfigError / ValueError)."""
     cfg = load(path, overrides)
-    validate(cfg, expected_world_size())
+    validate(cfg, expected_world_size(), current().name)
     check_dataset(cfg)
     return cfg
 
@@ -108,6 +100,7 @@ class TrainState:
 def build_state(cfg: Config, device: torch.device) -> TrainState:
     model = build_model(cfg).to(device)
     optimizer = create_optimizer(model, cfg.optim)  # after .to(device): the optimizer holds device params
+    model = current().prepare(model)  # accelerate: DDP (and torch.compile); the same parameters
     zero = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
     return TrainState(model, optimizer, step=zero(torch.int64), loss_sum=zero(torch.float32),
                       acc_sums=torch.zeros(2, device=device), skipped=zero(torch.int64),
@@ -143,52 +136,24 @@ def _train_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.stack([hits[:, 0], hits.any(-1)]).float().mean(1)
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    return xm.all_reduce(xm.REDUCE_SUM, tensor) if xr.world_size() > 1 else tensor
-
-
-def _all_gather_ints(values: list[int]) -> list[list[int]]:
-    """Every replica's `values` (ints in [0, 2**63)), in replica order. A collective that syncs:
-    every replica must call it at the same point."""
-    local = torch.tensor(values, dtype=torch.int64, device=torch_xla.device())
-    if xr.world_size() > 1:
-        # pin_layout=False: the pinned-layout all-gather pads by ordinal, a graph that differs per replica
-        local = xm.all_gather(local, pin_layout=False)
-    torch_xla.sync()  # read the result only after its graph ran
-    return local.cpu().view(xr.world_size(), len(values)).tolist()
-
-
-def _reduce_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Mean of the gradients over replicas (no-op on one). torch_xla's in-place all-reduce leaves a
-    gradient unchanged when it aliases part of another lazy tensor (the KAN coefficients' gradient
-    is a reshaped slice of a GEMM output), and autograd does not mark such a gradient as a view:
-    every gradient is re-bound to a clone first, which costs nothing in the compiled graph."""
-    if xr.world_size() == 1:
-        return
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            if param.grad is not None:
-                param.grad = param.grad.clone()
-    xm.reduce_gradients(optimizer)
-
-
 def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunLogger | None = None) -> None:
     """One optimizer update from optim.grad_accum micro-batches of (uint8 images, soft targets,
-    num_skipped) already on the device; ends the step's graph (torch_xla.sync)."""
-    model, optimizer, o = state.model, state.optimizer, cfg.optim
+    num_skipped) already on the device; ends the step's graph (backend.sync)."""
+    backend, model, optimizer, o = current(), state.model, state.optimizer, cfg.optim
     model.train()
     lr = lr_at(state.step, o.learning_rate, cfg.schedule.warmup_steps, cfg.schedule.training_steps)
     set_lr(optimizer, lr)  # a device tensor: no new graph constant per step
     optimizer.zero_grad(set_to_none=True)
     loss, acc, skipped = 0.0, 0.0, 0
-    for images, targets, num_skipped in micro_batches:
-        with torch.autocast("xla", dtype=torch.bfloat16, enabled=cfg.run.bf16):
-            logits = model(_normalize(images))
-            micro_loss = _per_sample_loss(logits, targets, cfg.augment.criterion).mean()
-        (micro_loss / o.grad_accum).backward()  # the update uses the mean of the micro-batch gradients
+    for i, (images, targets, num_skipped) in enumerate(micro_batches):
+        with backend.micro_batch(model, last=i == len(micro_batches) - 1):
+            with backend.autocast(cfg.run.bf16):
+                logits = model(_normalize(images))
+                micro_loss = _per_sample_loss(logits, targets, cfg.augment.criterion).mean()
+            (micro_loss / o.grad_accum).backward()  # the update uses the mean of the micro-batch gradients
         loss, skipped = loss + micro_loss.detach() / o.grad_accum, skipped + num_skipped.sum()
         acc = acc + _train_accuracy(logits.detach(), targets) / o.grad_accum
-    _reduce_gradients(optimizer)
+    backend.reduce_gradients(optimizer)  # a mean over replicas
     if o.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
     optimizer.step()
@@ -196,9 +161,9 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
     # Interval metrics stay on the device; the sums restart after each logged update. The
     # restart is a torch.where on the step, so log and non-log updates share one graph.
     restart = state.step % cfg.schedule.log_interval == 0
-    loss = _all_reduce_sum(loss) / xr.world_size()
-    acc = _all_reduce_sum(acc) / xr.world_size()
-    skipped = _all_reduce_sum(skipped)
+    loss = backend.all_reduce_sum(loss) / backend.world_size
+    acc = backend.all_reduce_sum(acc) / backend.world_size
+    skipped = backend.all_reduce_sum(skipped)
     state.loss_sum = torch.where(restart, 0.0, state.loss_sum) + loss
     state.acc_sums = torch.where(restart, 0.0, state.acc_sums) + acc
     state.skipped = torch.where(restart, 0, state.skipped) + skipped
@@ -208,14 +173,14 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
     state.host_step += 1
     if state.host_step % cfg.schedule.log_interval == 0 or state.host_step == cfg.schedule.training_steps:
         interval = (state.host_step - 1) % cfg.schedule.log_interval + 1
-        xm.add_step_closure(_log_train, args=(state, logger, state.host_step, interval, state.loss_sum,
-                                              state.acc_sums, lr, state.skipped, state.first_bad_step))
-    torch_xla.sync()
+        backend.after_step(_log_train, (state, logger, state.host_step, interval, state.loss_sum,
+                                        state.acc_sums, lr, state.skipped, state.first_bad_step))
+    backend.sync()
 
 
 def _log_train(state, logger, step, interval, loss_sum, acc_sums, lr, skipped, first_bad_step) -> None:
     """Runs after the step's graph executed: reading the tensors is a copy, not a sync (.cpu()
-    rather than .item(), which torch_xla runs as an aten fallback)."""
+    rather than .item(), which torch_xla runs as an aten fallback). On a GPU it waits for the step."""
     first_bad = int(first_bad_step.cpu())
     if first_bad >= 0:
         state.diverged_at = first_bad
@@ -229,10 +194,11 @@ def _log_train(state, logger, step, interval, loss_sum, acc_sums, lr, skipped, f
 def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
     """acc1 / acc5 / loss over the validation set, each image counted once across replicas
     (padding has label -1). Sums stay on the device until one read at the end."""
+    backend = current()
     model.eval()
     sums = None
     for images, labels, num_skipped in loader:
-        with torch.autocast("xla", dtype=torch.bfloat16, enabled=cfg.run.bf16):
+        with backend.autocast(cfg.run.bf16):
             logits = model(_normalize(images))
         valid = labels >= 0
         target = labels.clamp(min=0)
@@ -242,9 +208,9 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
         batch = torch.stack([torch.where(valid, loss, 0.0).sum(), (top[:, 0] & valid).sum().float(),
                              (top.any(-1) & valid).sum().float(), valid.sum().float(), num_skipped.sum().float()])
         sums = batch if sums is None else sums + batch
-        torch_xla.sync()
-    sums = _all_reduce_sum(sums)
-    torch_xla.sync()  # read the reduced sums only after their graph ran
+        backend.sync()
+    sums = backend.all_reduce_sum(sums)
+    backend.sync()  # read the reduced sums only after their graph ran
     loss_sum, correct1, correct5, count, skipped = sums.cpu().double().tolist()
     return {"val/loss": loss_sum / count, "val/acc1": correct1 / count, "val/acc5": correct5 / count,
             "val/count": int(count), "val/skipped": int(skipped)}
@@ -255,30 +221,16 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
 # The device RNG (dropout, drop-path) is the only RNG the loop draws from: host-side randomness
 # (augmentation, mixup) is seeded from the data position, so these states make resume exact.
 
-def _device_rng_seed() -> int:
-    return int(xm.get_rng_state(torch_xla.device()))
-
-
-def _gather_device_rng_states() -> list[dict]:
-    """Every replica's device RNG state, in replica order (a collective)."""
-    seed = _device_rng_seed()
-    halves = _all_gather_ints([seed >> 32, seed & 0xFFFFFFFF])  # a uint64 does not fit an int64
-    return [{"xla": high << 32 | low} for high, low in halves]
-
-
-def _set_device_rng_state(state: dict) -> None:
-    xm.set_rng_state(state["xla"], torch_xla.device())
-
-
 def _seed_replica(cfg: Config, rank: int) -> None:
     """model.dropout_seed + replica index for dropout/droppath (the original's per-process seed)."""
-    xm.set_rng_state(cfg.model.dropout_seed + rank, torch_xla.device())
+    current().seed_rng(cfg.model.dropout_seed + rank)
 
 
 def _checkpoint(state: TrainState, cfg: Config, metrics: dict, rng: list) -> dict:
-    """A weights_only-loadable checkpoint; `rng` holds every replica's RNG state."""
+    """A weights_only-loadable checkpoint, the same on every backend; `rng` holds every replica's
+    device RNG state ({"xla": seed} or {"torch": state[, "cuda": state]})."""
     return {
-        "model": checkpoint.to_cpu(state.model.state_dict()),
+        "model": checkpoint.to_cpu(current().unwrap(state.model).state_dict()),  # no DDP "module." prefix
         "optimizer": checkpoint.to_cpu(state.optimizer.state_dict()),
         "step": state.host_step,
         "train_batch": state.host_step * cfg.optim.grad_accum,  # the data stream position per replica
@@ -292,21 +244,28 @@ def _checkpoint(state: TrainState, cfg: Config, metrics: dict, rng: list) -> dic
 
 
 def _restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
-    state.model.load_state_dict(ckpt["model"])
+    backend = current()
+    _check_resumable(ckpt["rng"], backend.world_size, backend.name)
+    backend.unwrap(state.model).load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.host_step, state.best_acc1 = ckpt["step"], ckpt["best_acc1"]
     state.step = torch.tensor(ckpt["step"], dtype=torch.int64, device=device)
     state.loss_sum = ckpt["meters"]["loss_sum"].to(device)
     state.acc_sums = ckpt["meters"]["acc_sums"].to(device)
     state.skipped = ckpt["meters"]["skipped"].to(device)
-    if len(ckpt["rng"]) != xr.world_size():
-        raise ValueError(_replica_count_message(len(ckpt["rng"]), xr.world_size()))
-    _set_device_rng_state(ckpt["rng"][xr.global_ordinal()])
+    backend.set_rng_state(ckpt["rng"][backend.rank])
 
 
-def _replica_count_message(written_by: int, replicas: int) -> str:
-    return (f"the checkpoint was written by {written_by} replicas, this run has {replicas}: resume with the "
-            "same number of devices, or set run.resume=never")
+def _check_resumable(rng: list[dict], replicas: int, backend_name: str) -> None:
+    """A checkpoint resumes on the backend and replica count that wrote it (its RNG states are theirs)."""
+    written_on = rng_backend(rng[0])
+    if written_on != backend_name:
+        raise ValueError(f"the checkpoint was written on {written_on}, this run is on {backend_name}: its device "
+                         "RNG states do not carry over. Fine-tune from it instead: set "
+                         "model.pretrained_ckpt=PATH and run.resume=never")
+    if len(rng) != replicas:
+        raise ValueError(f"the checkpoint was written by {len(rng)} replicas, this run has {replicas}: resume "
+                         "with the same number of devices, or set run.resume=never")
 
 
 def resume_path(cfg: Config) -> str | None:
@@ -320,26 +279,29 @@ def resume_path(cfg: Config) -> str | None:
 
 
 def check_resume(cfg: Config, world_size: int) -> None:
-    """Before spawning: the checkpoint to resume from (if any) was written by `world_size` replicas.
+    """Before spawning: the checkpoint to resume from (if any) was written by `world_size` replicas
+    of the current backend.
     Reads only the checkpoint's small entries (memory-mapped); raises ValueError otherwise."""
     path = resume_path(cfg)
     if path is None:
         return
     try:
-        written_by = len(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["rng"])
+        rng = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["rng"]
     except (OSError, RuntimeError, KeyError, EOFError) as error:
         raise ValueError(f"{path} is not a readable trainer checkpoint ({error}): point run.resume at "
                          "one, or set run.resume=never to start over") from None
-    if written_by != world_size:
-        raise ValueError(f"{path}: {_replica_count_message(written_by, world_size)}")
+    try:
+        _check_resumable(rng, world_size, current().name)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 # --- The loop ----------------------------------------------------------------------------------
 
 def train(cfg: Config) -> dict:
-    """Train on this process's XLA device; returns the last evaluation's metrics."""
-    device = torch_xla.device()
-    world_size, rank = xr.world_size(), xr.global_ordinal()
+    """Train on this process's device; returns the last evaluation's metrics."""
+    backend = current()
+    device, world_size, rank = backend.device, backend.world_size, backend.rank
     master = rank == 0  # the global master: the only writer of files in output_dir
     if master:
         os.makedirs(cfg.run.output_dir, exist_ok=True)
@@ -349,7 +311,7 @@ def train(cfg: Config) -> dict:
     path = resume_path(cfg)
     ckpt = checkpoint.load(path) if path is not None else None
     # A collective: before any RNG state is set.
-    steps = [step for (step,) in _all_gather_ints([ckpt["step"] if ckpt is not None else 0])]
+    steps = [step for (step,) in backend.all_gather_ints([ckpt["step"] if ckpt is not None else 0])]
     if len(set(steps)) > 1:  # e.g. output_dir on each host's local disk: only host 0 sees last.pth
         raise RuntimeError(f"replicas would resume at different steps {sorted(set(steps))}: put "
                            "run.output_dir on storage every host sees (or set run.resume=never)")
@@ -361,11 +323,11 @@ def train(cfg: Config) -> dict:
         logger.info(f"resuming from {path} at step {state.host_step}")
 
     start_batch = ckpt["train_batch"] if ckpt is not None else 0  # the stream continues where it stopped
-    local = xr.local_process_count()  # the loader workers in the config are per host
-    train_loader = pl.MpDeviceLoader(LazyStart(create_train_loader(
-        cfg, world_size=world_size, rank=rank, start_batch=start_batch, local_replicas=local)), device)
+    local = backend.local_process_count  # the loader workers in the config are per host
+    train_loader = backend.device_loader(create_train_loader(
+        cfg, world_size=world_size, rank=rank, start_batch=start_batch, local_replicas=local))
     valid_data, _ = create_valid_loader(cfg, world_size=world_size, rank=rank, local_replicas=local)
-    valid_loader = pl.MpDeviceLoader(LazyStart(valid_data), device)
+    valid_loader = backend.device_loader(valid_data)
     batches = iter(train_loader)
     s = cfg.schedule
     metrics = {}
@@ -389,7 +351,7 @@ def train(cfg: Config) -> dict:
         # includes its evaluation, so a resumed run repeats exactly what an uninterrupted one does.
         improved = metrics["val/acc1"] > state.best_acc1
         state.best_acc1 = max(state.best_acc1, metrics["val/acc1"])
-        all_rng = _gather_device_rng_states()  # a collective: every replica takes part
+        all_rng = backend.gather_rng_states()  # a collective: every replica takes part
         if master:  # only the writer copies the model and optimizer state to the host
             ckpt = _checkpoint(state, cfg, metrics, all_rng)
             flax_params = timm_to_flax(ckpt["model"], cfg.model.heads) if cfg.run.export_flax else None
@@ -397,21 +359,9 @@ def train(cfg: Config) -> dict:
                 checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, target))
                 if flax_params is not None:
                     _export_flax(flax_params, cfg, target)
-        _set_device_rng_state(all_rng[rank])  # continue from exactly the state a resumed run restores
+        backend.set_rng_state(all_rng[rank])  # continue from exactly the state a resumed run restores
     logger.close()
     return metrics
-
-
-class LazyStart:
-    """Re-iterable wrapper whose iterator starts lazily: MpDeviceLoader's thread creates the
-    iterator outside its try/finally, so an error there (e.g. a worker that cannot start) would
-    leave the training loop waiting forever instead of ending the stream."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        yield from self.loader
 
 
 def _export_flax(flax_params: dict, cfg: Config, target: str) -> None:
@@ -428,27 +378,16 @@ def _diverged_message(step: int, cfg: Config) -> str:
 
 def _mp_fn(index: int, cfg_dict: dict) -> None:
     cfg = from_dict(cfg_dict)
-    if cfg.run.compile_cache_dir:  # before any computation; one directory per process
-        xr.initialize_cache(os.path.join(cfg.run.compile_cache_dir, str(index)))
+    if cfg.run.compile_cache_dir:
+        XlaBackend.initialize_compile_cache(cfg.run.compile_cache_dir, index)
     train(cfg)
 
 
-def _run_replica(index: int, fn, *args) -> None:
-    if cpu_replicas.threaded_replicas(xr.device_type(), xr.world_size()):
-        cpu_replicas.serialize_compilations()
-    fn(index, *args)
-
-
 def spawn(fn, args: tuple) -> None:
-    """fn(index, *args) on every device of this host through xmp.spawn (one process per TPU chip;
-    on CPU one process whose replicas are threads); `fn` must be a module-level function."""
-    import torch_xla.distributed.xla_multiprocessing as xmp
-
-    if cpu_replicas.threaded_replicas(xr.device_type(), expected_world_size()):
-        cpu_replicas.prepare_spawn(expected_world_size())
-    xmp.spawn(_run_replica, args=(fn, *args))
+    """fn(index, *args) in every XLA replica of this host (see XlaBackend.spawn)."""
+    current().spawn(fn, args)
 
 
 def launch(cfg: Config) -> None:
-    """Train on every device of this host; the config travels as a plain dict."""
+    """Train on every XLA device of this host; the config travels as a plain dict."""
     spawn(_mp_fn, (to_dict(cfg),))

@@ -8,25 +8,16 @@ run.output_dir/last.pth (run.resume: auto | never | PATH).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import yaml
 
-from kan_vit.config import ConfigError, to_dict
+from kan_vit.config import ConfigError, launcher_parser, to_dict
 from kan_vit.train import DivergenceError, check_resume, expected_world_size, launch, load_checked_config
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config (sections data, augment, model, optim, schedule, run)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one key; the value is parsed as YAML; repeatable")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = launcher_parser(__doc__, "YAML config (sections data, augment, model, optim, schedule, run)").parse_args(argv)
     try:
         cfg = load_checked_config(args.config, args.set)
         check_resume(cfg, expected_world_size())

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from kan_vit import checkpoint
@@ -13,7 +14,8 @@ from kan_vit.metrics_log import read_metrics
 
 def kill_at_first_checkpoint(command: list[str], env: dict, out_dir, total_steps: int) -> int:
     """Start `command`, SIGKILL its whole process tree once out_dir/last.pth exists, and return the
-    checkpoint's step."""
+    checkpoint's step. The tree, not only the process group: torchrun starts each worker in a
+    session of its own."""
     proc = subprocess.Popen(command, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -22,7 +24,11 @@ def kill_at_first_checkpoint(command: list[str], env: dict, out_dir, total_steps
             assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended since it was listed
+                pass
         proc.wait()
     killed_at = checkpoint.load(str(out_dir / "last.pth"))["step"]
     assert killed_at < total_steps, "the kill came too late to test anything"

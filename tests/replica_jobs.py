@@ -1,20 +1,20 @@
-"""Jobs that run inside real XLA replicas (xmp.spawn through `kan_vit.train.spawn`).
+"""Jobs that run inside real replicas: XLA ones (xmp.spawn through `kan_vit.train.spawn`) or
+accelerate processes (started by torchrun).
 
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=N python tests/replica_jobs.py JOB CONFIG_JSON DATA_PT OUT_DIR
+    torchrun --standalone --nproc_per_node=N tests/replica_jobs.py JOB CONFIG_JSON DATA_PT OUT_DIR accelerate
 
-Every replica writes what it saw to OUT_DIR/{name}_{rank}.pt; tests/test_replicas.py compares
-those files with one replica's results. Nothing here averages or reduces in Python: the
-trainer's collectives do.
+Every replica writes what it saw to OUT_DIR/{name}_{rank}.pt; tests/test_replicas.py and
+tests/test_accelerate.py compare those files with one replica's results. Nothing here averages
+or reduces in Python: the trainer's collectives do.
 """
 import hashlib
 import json
 import sys
 
 import torch
-import torch_xla
-import torch_xla.runtime as xr
 
-from kan_vit import train
+from kan_vit import backend, train
 from kan_vit.config import from_dict
 from kan_vit.data import create_train_loader
 from kan_vit.metrics_log import RunLogger
@@ -28,7 +28,7 @@ def _shard(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 def updates(rank: int, cfgs: dict, data_path: str, out: str) -> None:
     """`exact`: one update of this replica's share of the batch, then evaluation of this replica's
     (uneven) share of the validation images. `noisy`: several updates with dropout and drop-path."""
-    device, world_size = torch_xla.device(), xr.world_size()
+    device, world_size = backend.current().device, backend.current().world_size
     data = torch.load(data_path)
     cfg = from_dict(cfgs["exact"])
     state = train.build_state(cfg, device)
@@ -58,7 +58,7 @@ def updates(rank: int, cfgs: dict, data_path: str, out: str) -> None:
 def batches(rank: int, cfgs: dict, data_path: str, out: str) -> None:
     """The first two training batches this replica's loader gives, as image hashes and labels."""
     cfg = from_dict(cfgs["data"])
-    loader = iter(create_train_loader(cfg, world_size=xr.world_size(), rank=rank))
+    loader = iter(create_train_loader(cfg, world_size=backend.current().world_size, rank=rank))
     seen = []
     for _ in range(2):
         images, targets, _ = next(loader)
@@ -66,9 +66,14 @@ def batches(rank: int, cfgs: dict, data_path: str, out: str) -> None:
             # copies are flipped at random: hash the image in a flip-independent form
             pair = sorted(hashlib.sha1(x.contiguous().numpy().tobytes()).hexdigest() for x in (image, image.flip(-1)))
             seen.append((pair[0], int(target.argmax())))
-    torch.save({"world_size": xr.world_size(), "seen": seen}, f"{out}/batches_{rank}.pt")
+    torch.save({"world_size": backend.current().world_size, "seen": seen}, f"{out}/batches_{rank}.pt")
 
 
 if __name__ == "__main__":
     job, cfgs, data_path, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
-    train.spawn({"updates": updates, "batches": batches}[job], (cfgs, data_path, out))
+    fn = {"updates": updates, "batches": batches}[job]
+    if sys.argv[5:] == [backend.ACCELERATE]:
+        backend.use(backend.AccelerateBackend())
+        fn(backend.current().rank, cfgs, data_path, out)
+    else:
+        train.spawn(fn, (cfgs, data_path, out))

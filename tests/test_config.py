@@ -77,6 +77,17 @@ def test_bad_values_and_combinations(overrides, message):
         C.validate(cfg, world_size=1)
 
 
+@pytest.mark.parametrize("overrides, backend, message", [
+    ({"run.compile_cache_dir": "/tmp/cache"}, "accelerate", r"run\.compile_cache_dir is the XLA compile cache"),
+    ({"run.compile": "true"}, "xla", r"run\.compile is torch\.compile under accelerate .*: remove it"),
+])
+def test_options_of_the_other_backend_are_errors(overrides, backend, message):
+    cfg = _valid(**overrides)
+    with pytest.raises(C.ConfigError, match=message):
+        C.validate(cfg, world_size=1, backend=backend)
+    C.validate(cfg, world_size=1, backend="xla" if backend == "accelerate" else "accelerate")
+
+
 def test_batch_divisibility_counts_replicas():
     cfg = _valid(**{"data.train_batch_size": 64, "optim.grad_accum": 2})
     C.validate(cfg, world_size=4)  # 64 / (4 x 2)

@@ -13,6 +13,7 @@ import torch_xla
 from kan_vit import checkpoint, train
 from kan_vit.config import load, to_dict
 from kan_vit.metrics_log import RunLogger, read_metrics
+from cpu_processes import torchrun, without_torch_xla_env
 from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
 from test_train import DEMO, LAUNCH, tiny_overrides
 
@@ -24,10 +25,14 @@ def _replica_env(num_replicas: int) -> dict:
     return dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES=str(num_replicas))
 
 
-def _run_job(job: str, cfgs: dict, data_path, out, num_replicas: int) -> list[dict]:
-    result = subprocess.run([sys.executable, JOBS, job, json.dumps({k: to_dict(c) for k, c in cfgs.items()}),
-                             str(data_path), str(out)], env=_replica_env(num_replicas),
-                            capture_output=True, text=True, timeout=300)
+def _run_job(job: str, cfgs: dict, data_path, out, num_replicas: int, accelerate: bool = False) -> list[dict]:
+    """JOB in `num_replicas` XLA replicas, or accelerate processes (torchrun, no torch_xla)."""
+    args = [job, json.dumps({k: to_dict(c) for k, c in cfgs.items()}), str(data_path), str(out)]
+    if accelerate:
+        command, env = torchrun(num_replicas, JOBS, *args, "accelerate"), without_torch_xla_env(out)
+    else:
+        command, env = [sys.executable, JOBS, *args], _replica_env(num_replicas)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = [torch.load(out / f"{job}_{rank}.pt") for rank in range(num_replicas)]
     assert all(r["world_size"] == num_replicas for r in results)

@@ -1,0 +1,165 @@
+"""The trainer through accelerate in real CPU processes (torchrun, gloo), in processes where
+torch_xla cannot be imported: DDP's gradient average, the trainer's collectives, resume and the
+checkpoint format shared with the XLA backend."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kan_vit import checkpoint, train
+from kan_vit.config import load
+from kan_vit.metrics_log import read_metrics
+from cpu_processes import torchrun, without_torch_xla_env
+from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
+from test_replicas import BATCH, CLASSES, SIZE, _run_job, _valid_parts
+from test_train import DEMO, EVALUATE, ROOT, tiny_overrides
+
+TRAIN_GPU = os.path.join(ROOT, "launch", "train_gpu.py")
+
+
+def _args(overrides: list[str]) -> list[str]:
+    return ["--config", DEMO] + [a for o in overrides for a in ("--set", o)]
+
+
+def _check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_two_processes_with_batch_halves_update_like_one_process_with_the_whole_batch(tmp_path):
+    """One update: parameters to 1e-6 (DDP's gradient mean); the logged loss is the mean and
+    data/skipped the sum over processes; evaluation counts every image of an uneven split once.
+    Then four updates with dropout and drop-path (different masks per process) leave the two
+    processes bit-identical."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
+    targets = torch.softmax(torch.randn(BATCH, CLASSES, generator=generator), -1)
+    parts = _valid_parts(2, generator)  # 1 + 3 real images
+    real = [p["labels"] >= 0 for p in parts]
+    whole = {"images": torch.cat([p["images"][m] for p, m in zip(parts, real)]),
+             "labels": torch.cat([p["labels"][m] for p, m in zip(parts, real)])}
+    common = tiny_overrides(tmp_path) + ["optim.grad_accum=1", "schedule.log_interval=1"]
+    # warmup 0 and adam_eps 1: see the same test for XLA replicas in test_replicas.py
+    exact = common + ["model.droppath=0.0", "schedule.warmup_steps=0", "optim.adam_eps=1.0"]
+    noisy = load(DEMO, common + ["model.droppath=0.1", "model.dropout=0.1", "model.layers=2"])
+    results = {}
+    for processes, valid_parts in ((1, [whole]), (2, parts)):
+        out = tmp_path / str(processes)
+        out.mkdir()
+        torch.save({"images": images, "targets": targets, "valid_parts": valid_parts}, out / "data.pt")
+        cfgs = {"exact": load(DEMO, exact + [f"run.output_dir={out}"]), "noisy": noisy}
+        results[processes] = _run_job("updates", cfgs, out / "data.pt", out, processes, accelerate=True)
+    (one,), (first, second) = results[1], results[2]
+    for key, value in one["exact"].items():
+        torch.testing.assert_close(first["exact"][key], value, rtol=0, atol=1e-6, msg=key)
+    logged_one, logged_two = (read_metrics(str(tmp_path / d / "metrics.jsonl"))[0] for d in ("1", "2"))
+    assert logged_two["train/loss"] == pytest.approx(logged_one["train/loss"], rel=1e-6)
+    assert (logged_one["data/skipped"], logged_two["data/skipped"]) == (1, 1 + 2)  # each reported rank + 1
+    assert first["metrics"]["val/count"] == one["metrics"]["val/count"] == 4
+    for key in ("val/acc1", "val/acc5", "val/loss"):
+        assert first["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-6), key
+    for key, value in first["noisy"].items():
+        assert torch.equal(second["noisy"][key], value), key
+
+
+@pytest.mark.slow
+def test_repeated_copies_of_an_image_go_to_different_processes(tmp_path):
+    """As for XLA replicas: augment_repeats=2 on 2 processes, each process sees every image once."""
+    cfg = load(DEMO, tiny_overrides(tmp_path) + ["augment.augment_repeats=2", "augment.random_crop=none",
+                                                 "augment.mixup=0.0", "augment.cutmix=0.0", "optim.grad_accum=1"])
+    first, second = (r["seen"] for r in _run_job("batches", {"data": cfg}, "-", tmp_path, 2, accelerate=True))
+    assert first == second and len(first) == BATCH
+    assert len({image for image, _ in first}) == BATCH
+
+
+@pytest.mark.slow
+def test_two_process_demo_learns_and_both_backends_evaluate_its_checkpoint(tmp_path):
+    """The full demo on 2 CPU processes; launch/evaluate.py reproduces its evaluation through
+    accelerate (2 processes) and through XLA (the checkpoint format is shared)."""
+    out = tmp_path / "run"
+    env = without_torch_xla_env(tmp_path)
+    _check(subprocess.run(torchrun(2, TRAIN_GPU, *_args([f"run.output_dir={out}"])), env=env,
+                          capture_output=True, text=True, timeout=600))
+    evals = [r for r in read_metrics(str(out / "metrics.jsonl")) if "val/acc1" in r]
+    assert [r["step"] for r in evals] == [200, 400, 600]
+    assert evals[-1]["val/acc1"] >= 0.90 and evals[-1]["val/count"] == 360
+    best = checkpoint.load(str(out / "best.pth"))
+    assert len(best["rng"]) == 2 and set(best["rng"][0]) == {"torch"}
+    assert not any(key.startswith("module.") for key in best["model"])
+
+    args = [EVALUATE, "--config", str(out / "config.yaml"), "--checkpoint", str(out / "best.pth")]
+    runs = {"accelerate": (torchrun(2, *args), env),
+            "xla": ([sys.executable, *args, "--backend", "xla"], dict(os.environ, PJRT_DEVICE="CPU"))}
+    for name, (command, run_env) in runs.items():
+        got = json.loads(_check(subprocess.run(command, env=run_env, capture_output=True, text=True,
+                                               timeout=300)).stdout.strip().splitlines()[-1])
+        assert got["val/count"] == 360, name
+        for key in ("val/acc1", "val/acc5", "val/loss"):
+            assert got[key] == pytest.approx(best["metrics"][key], abs=1e-5), (name, key)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
+    """Dropout and drop-path: the per-process RNG states matter; one loader worker per process."""
+    def overrides(out):
+        return tiny_overrides(out) + ["schedule.training_steps=24", "schedule.eval_interval=8",
+                                      "schedule.log_interval=4", "model.dropout=0.1", "model.droppath=0.1",
+                                      "data.train_loader_workers=2"]
+
+    env = without_torch_xla_env(tmp_path)
+    _check(subprocess.run(torchrun(2, TRAIN_GPU, *_args(overrides(tmp_path / "whole"))), env=env,
+                          capture_output=True, text=True, timeout=300))
+    broken = tmp_path / "broken"
+    command = torchrun(2, TRAIN_GPU, *_args(overrides(broken)))
+    killed_at = kill_at_first_checkpoint(command, env, broken, total_steps=24)
+    rerun_resumes(command, env, broken, killed_at)
+    assert_same_end(tmp_path / "whole", broken, total_steps=24)
+    assert len(checkpoint.load(str(broken / "last.pth"))["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_bf16_on_cpu_processes_trains_with_finite_losses(tmp_path):
+    """run.bf16 on CPU processes: accelerate's CPU autocast (bfloat16)."""
+    overrides = tiny_overrides(tmp_path) + ["run.bf16=true", "schedule.training_steps=6", "schedule.log_interval=2"]
+    _check(subprocess.run([sys.executable, TRAIN_GPU, *_args(overrides)], env=without_torch_xla_env(tmp_path),
+                          capture_output=True, text=True, timeout=300))
+    losses = [r["train/loss"] for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "train/loss" in r]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    last = checkpoint.load(str(tmp_path / "last.pth"))
+    assert all(v.dtype == torch.float32 for v in last["model"].values())  # autocast computes in bf16, stores f32
+
+
+@pytest.mark.slow
+def test_an_xla_checkpoint_does_not_resume_on_accelerate(tmp_path):
+    """Device RNG states do not carry over between backends: a clear error that names the way out."""
+    train.train(load(DEMO, tiny_overrides(tmp_path) + ["schedule.training_steps=2", "schedule.warmup_steps=1"]))
+    result = subprocess.run([sys.executable, TRAIN_GPU, *_args(tiny_overrides(tmp_path))],
+                            env=without_torch_xla_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("config error: ") and "written on xla, this run is on accelerate" in result.stderr
+    assert "model.pretrained_ckpt=PATH and run.resume=never" in result.stderr
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(tmp_path):
+    """run.compile: torch.compile (inductor, on the CPU here) gives the eager run's parameters and
+    evaluation; its checkpoint holds the plain model's keys."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        overrides = tiny_overrides(out) + [f"run.compile={str(compiled).lower()}", "schedule.training_steps=4",
+                                           "model.droppath=0.0", "schedule.log_interval=1"]
+        _check(subprocess.run([sys.executable, TRAIN_GPU, *_args(overrides)], env=without_torch_xla_env(tmp_path),
+                              capture_output=True, text=True, timeout=600))
+        runs[compiled] = checkpoint.load(str(out / "last.pth"))
+    eager, compiled = runs[False], runs[True]
+    assert compiled["model"].keys() == eager["model"].keys()
+    for key, value in eager["model"].items():
+        torch.testing.assert_close(compiled["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for key in ("val/acc1", "val/loss"):
+        assert compiled["metrics"][key] == pytest.approx(eager["metrics"][key], abs=1e-4), key
