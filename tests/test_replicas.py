@@ -131,6 +131,7 @@ def test_two_replicas_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
     assert len(checkpoint.load(str(broken / "last.pth"))["rng"]) == 2
 
 
+@pytest.mark.slow
 def test_resuming_with_another_replica_count_is_a_clear_error(tmp_path):
     cfg = load(DEMO, tiny_overrides(tmp_path) + ["schedule.training_steps=4", "schedule.log_interval=2"])
     train.train(cfg)  # one replica writes last.pth

@@ -36,6 +36,7 @@ def tiny_overrides(output_dir) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_no_recompilation_or_cpu_fallback_after_the_first_steps(tmp_path):
     cfg = load(DEMO, tiny_overrides(tmp_path))
     device = torch_xla.device()
@@ -296,6 +297,7 @@ def test_resume_setting_picks_the_checkpoint(tmp_path):
     assert train.resume_path(cfg) == str(tmp_path / "other.pth")
 
 
+@pytest.mark.slow
 def test_bf16_autocast_updates_stay_finite(tmp_path):
     cfg = load(DEMO, tiny_overrides(tmp_path) + ["run.bf16=true", "optim.grad_accum=1"])
     device = torch_xla.device()
