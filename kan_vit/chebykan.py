@@ -20,17 +20,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ChebyKAN", "cheby_kan", "cheby_kan_reference"]
+__all__ = ["ChebyKAN", "cheby_kan", "cheby_kan_reference", "chebyshev_basis"]
+
+
+def chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
+    """T_0(t)..T_K(t) stacked on a new last axis, by the recurrence."""
+    basis = [torch.ones_like(t), t]
+    for _ in range(2, degree + 1):
+        basis.append(2 * t * basis[-1] - basis[-2])
+    return torch.stack(basis[: degree + 1], dim=-1)
 
 
 def cheby_kan_reference(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """Straightforward formulation (the original's code path), kept as the reference."""
     degree = coefficients.shape[-1] - 1
-    t = torch.tanh(x)
-    basis = [torch.ones_like(t), t]
-    for _ in range(2, degree + 1):
-        basis.append(2 * t * basis[-1] - basis[-2])
-    return torch.einsum("...ik,iok->...o", torch.stack(basis[: degree + 1], dim=-1), coefficients)
+    return torch.einsum("...ik,iok->...o", chebyshev_basis(torch.tanh(x), degree), coefficients)
 
 
 def _writes_in_place(t: torch.Tensor) -> bool:
