@@ -109,12 +109,12 @@ def test_launcher_with_the_demo_validation_data(tmp_path):
     path = tmp_path / "demo.pth"
     torch.save(_model().state_dict(), path)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "inspect.py"), str(path), "--config", DEMO,
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "inspect_kan.py"), str(path), "--config", DEMO,
                              *[a for s in SMALL for a in ("--set", s)], "--out", str(out), "--max-batches", "1"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     layer = json.loads((out / "summary.json").read_text())["layers"][0]
-    assert layer["inputs"] == 120 * 17 * 32  # one batch of 120 images, 16 patches + class token, dim 32
+    assert layer["inputs"] == 120 * 16 * 32  # one batch of 120 images, 16 patches (gap pooling: no class token), dim 32
     assert 0 <= layer["frac_abs_gt_3.47"] <= layer["frac_abs_gt_2"] <= 1 and layer["input_min"] < 0 < layer["input_max"]
     assert "## Validation inputs" in (out / "report.md").read_text()
 

@@ -1,6 +1,6 @@
 """Plot a checkpoint's learned KAN functions and input statistics: see kan_vit/inspect_kan.py.
 
-    python launch/inspect.py CHECKPOINT [--config configs/demo_digits.yaml] --out DIR
+    python launch/inspect_kan.py CHECKPOINT [--config configs/demo_digits.yaml] --out DIR
 """
 import sys
 

@@ -1,6 +1,6 @@
 """Training curves of runs side by side: see kan_vit/plot_runs.py.
 
-    python launch/plot.py runs/a runs/b --out curves.png
+    python launch/plot_runs.py runs/a runs/b --out curves.png
 """
 import sys
 
