@@ -252,6 +252,10 @@ def main(argv=None) -> int:
         parser.error("--edges and --max-batches must be >= 1")
     if args.set and not args.config:
         parser.error("--set needs --config")
+    if not os.path.isfile(args.checkpoint):
+        print(f"kan-vit-inspect: error: checkpoint {args.checkpoint} does not exist: pass a trainer .pth, "
+              "a .pth / .safetensors state dict or an original .msgpack", file=sys.stderr)
+        return 2
     from .config import ConfigError
 
     try:
