@@ -20,17 +20,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ChebyKAN", "cheby_kan", "cheby_kan_reference"]
+__all__ = ["ChebyKAN", "cheby_kan", "cheby_kan_reference", "chebyshev_basis"]
+
+
+def chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
+    """T_0(t)..T_K(t) stacked on a new last axis, by the recurrence."""
+    basis = [torch.ones_like(t), t]
+    for _ in range(2, degree + 1):
+        basis.append(2 * t * basis[-1] - basis[-2])
+    return torch.stack(basis[: degree + 1], dim=-1)
 
 
 def cheby_kan_reference(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """Straightforward formulation (the original's code path), kept as the reference."""
     degree = coefficients.shape[-1] - 1
-    t = torch.tanh(x)
-    basis = [torch.ones_like(t), t]
-    for _ in range(2, degree + 1):
-        basis.append(2 * t * basis[-1] - basis[-2])
-    return torch.einsum("...ik,iok->...o", torch.stack(basis[: degree + 1], dim=-1), coefficients)
+    return torch.einsum("...ik,iok->...o", chebyshev_basis(torch.tanh(x), degree), coefficients)
 
 
 def _writes_in_place(t: torch.Tensor) -> bool:
@@ -179,6 +183,8 @@ class ChebyKAN(nn.Module):
 
     Init as the original: C ~ Normal(0, 1 / (in_features * (degree + 1))).
     `memory_efficient=False` selects the straightforward reference formulation.
+    `input_scale=True` (an ablation, not in the original) learns a per-input-channel scale s,
+    init 1, applied before tanh: t = tanh(s * x). Off, the layer has no such parameter.
     """
 
     def __init__(
@@ -187,6 +193,7 @@ class ChebyKAN(nn.Module):
         out_features: int,
         degree: int,
         memory_efficient: bool = True,
+        input_scale: bool = False,
         device=None,
         dtype=None,
     ):
@@ -203,19 +210,28 @@ class ChebyKAN(nn.Module):
         self.coefficients = nn.Parameter(
             torch.empty(in_features, out_features, degree + 1, device=device, dtype=dtype)
         )
+        self.input_scale = nn.Parameter(torch.empty(in_features, device=device, dtype=dtype)) if input_scale else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.coefficients, std=1.0 / (self.in_features * (self.degree + 1)))
+        if self.input_scale is not None:
+            nn.init.ones_(self.input_scale)
+
+    def tanh_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the layer feeds to tanh: x, or s * x with the learned input scale."""
+        return x if self.input_scale is None else x * self.input_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"ChebyKAN expects inputs with last dim {self.in_features}, got shape {list(x.shape)}"
             )
+        x = self.tanh_input(x)
         if self.memory_efficient and not torch.jit.is_scripting():
             return cheby_kan(x, self.coefficients)
         return cheby_kan_reference(x, self.coefficients)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, degree={self.degree}"
+        scale = ", input_scale=True" if self.input_scale is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, degree={self.degree}{scale}"

@@ -56,6 +56,13 @@ class AugmentConfig:
 class ModelConfig:
     use_kan: bool = False
     polynomial_degree: int = 8
+    # Ablations, new; the defaults are the original's model. kan_degrees: one degree per block
+    # (replaces polynomial_degree); kan_input_scale: learned per-channel scale before tanh;
+    # kan_base_branch: + W_b SiLU(x) beside each KAN layer; mlp_ratio: MLP hidden width / dim.
+    kan_degrees: Optional[list] = None
+    kan_input_scale: bool = False
+    kan_base_branch: bool = False
+    mlp_ratio: float = 4.0
     layers: int = 12
     dim: int = 768
     heads: int = 12
@@ -85,6 +92,7 @@ class OptimConfig:
     lr_decay: float = 1.0
     clip_grad: float = 0.0
     grad_accum: int = 1
+    kan_weight_decay: bool = False  # new, an ablation: decay the KAN coefficients (the original does not)
 
 
 @dataclass
@@ -106,6 +114,8 @@ class RunConfig:
     compile: bool = False  # new, accelerate only: torch.compile the model (XLA compiles every step anyway)
     export_flax: bool = False  # new: also write {name}-last/best.msgpack in the original's format
     compile_cache_dir: Optional[str] = None  # new: persistent XLA compile cache (one subdir per process)
+    # new: log KAN input saturation, coefficient norm by degree and the gradient norm (kan_vit.kan_health)
+    kan_health: bool = False
 
 
 @dataclass
@@ -271,6 +281,7 @@ def validate(cfg: Config, world_size: int, backend: str = "xla") -> None:
     _check(math.isfinite(o.learning_rate) and o.learning_rate > 0, f"optim.learning_rate must be > 0, got {o.learning_rate}")
     _check(o.adam_eps > 0, f"optim.adam_eps must be > 0, got {o.adam_eps}")
     _check(m.labels is not None and m.labels >= 2, f"model.labels must be set to the number of classes (>= 2), got {m.labels}")
+    _check_ablations(cfg)
     _check(m.dim % m.heads == 0, f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})")
     _check(m.posemb != "sincos2d" or m.dim % 4 == 0, f"model.posemb=sincos2d needs model.dim divisible by 4, got {m.dim}")
     _check(m.image_size % m.patch_size == 0,
@@ -308,6 +319,22 @@ def launcher_parser(description: str, config_help: str) -> argparse.ArgumentPars
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one key; the value is parsed as YAML; repeatable")
     return parser
+
+
+def _check_ablations(cfg: Config) -> None:
+    m = cfg.model
+    kan_switches = {"model.kan_degrees": m.kan_degrees is not None, "model.kan_input_scale": m.kan_input_scale,
+                    "model.kan_base_branch": m.kan_base_branch, "optim.kan_weight_decay": cfg.optim.kan_weight_decay}
+    for key, on in kan_switches.items():
+        _check(m.use_kan or not on, f"{key} applies to KAN models only: unset it or set model.use_kan=true")
+    if m.kan_degrees is not None:
+        _check(len(m.kan_degrees) == m.layers and all(type(k) is int and k >= 1 for k in m.kan_degrees),
+               f"model.kan_degrees must list {m.layers} integers >= 1 (one per block, model.layers), "
+               f"got {m.kan_degrees!r}")
+    _check(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    changed = [key for key, on in kan_switches.items() if on and key.startswith("model.")]
+    _check(not (cfg.run.export_flax and changed),
+           f"run.export_flax writes the original's format, which has no {', '.join(changed)}: unset one or the other")
 
 
 def save(cfg: Config, path: str) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from timm.optim import Lamb
 
+from .chebykan import ChebyKAN
 from .config import OptimConfig
 
 __all__ = ["param_groups", "create_optimizer", "ChunkedTrustLamb", "lr_at", "set_lr", "WARMUP_INIT_LR", "COSINE_END_LR"]
@@ -52,11 +53,11 @@ def _layer_id(name: str, num_layers: int) -> int:
     return int(match.group(1)) + 1 if match else num_layers
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr_decay: float, kan_weight_decay: bool = False) -> list[dict]:
     """Param groups with the original's decay mask and layer-wise lr scales.
 
-    Decayed (weight_decay): Linear/Conv weights only; not KAN coefficients, biases, norms,
-    cls_token, pos_embed, LayerScale gammas. lr_scale = lr_decay ** (L - i), i = 0 for the
+    Decayed (weight_decay): Linear/Conv weights only; not KAN coefficients (unless
+    `kan_weight_decay`, an ablation), biases, norms, cls_token, pos_embed, LayerScale gammas. lr_scale = lr_decay ** (L - i), i = 0 for the
     embedding, k + 1 for `blocks.k`, L for the rest (final norm, head); L = len(model.blocks).
     Each group has 'params', 'weight_decay', 'lr_scale', 'decayed' (the mask, for LAMB) and
     'trust_chunks' (3 for the fused attn.qkv weights, else 1: LAMB's trust ratios per weight).
@@ -72,6 +73,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr_decay: float) -> list
         )
     num_layers = len(blocks)
     kernels = _kernel_names(model)
+    if kan_weight_decay:
+        kernels |= {f"{name}.coefficients" for name, module in model.named_modules() if isinstance(module, ChebyKAN)}
     groups: dict[tuple[float, bool, int], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -90,7 +93,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr_decay: float) -> list
 
 def create_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW (decoupled) or LAMB over `param_groups`; build it after moving the model to its device."""
-    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.lr_decay)
+    groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.lr_decay, optim_cfg.kan_weight_decay)
     for group in groups:
         group["lr"] = optim_cfg.learning_rate * group["lr_scale"]
     betas = (optim_cfg.adam_b1, optim_cfg.adam_b2)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from . import checkpoint
+from . import checkpoint, kan_health
 from .backend import XlaBackend, current, rng_backend
 from .config import Config, from_dict, load, save as save_config, to_dict, validate
 from .convert import save_flax, timm_to_flax
@@ -64,7 +64,8 @@ def build_model(cfg: Config) -> torch.nn.Module:
         model = timm.create_model(
             "kan_vit_base_patch16_224" if m.use_kan else "deit_jax_base_patch16_224",
             num_classes=m.labels, img_size=m.image_size, patch_size=m.patch_size, embed_dim=m.dim,
-            depth=m.layers, num_heads=m.heads, use_kan=m.use_kan, polynomial_degree=m.polynomial_degree,
+            depth=m.layers, num_heads=m.heads, use_kan=m.use_kan, polynomial_degree=m.kan_degrees or m.polynomial_degree,
+            kan_input_scale=m.kan_input_scale, kan_base_branch=m.kan_base_branch, mlp_ratio=m.mlp_ratio,
             posemb=m.posemb, pooling=m.pooling, layerscale=m.layerscale, dropout=m.dropout,
             drop_path_rate=m.droppath, drop_path_schedule="constant",  # the original's: one rate in every block
         )
@@ -83,7 +84,8 @@ class TrainState:
     update losses since the last log), `acc_sums` (sums of update train acc1, acc5 since the last
     log), `skipped` (samples skipped since the last log),
     `first_bad_step` (first update with a non-finite loss, -1 while none). `host_step` mirrors
-    `step` on the host, so the loop never reads the device to know where it is."""
+    `step` on the host, so the loop never reads the device to know where it is. `health` keeps
+    the run.kan_health interval sums (None when off)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -92,6 +94,7 @@ class TrainState:
     acc_sums: torch.Tensor
     skipped: torch.Tensor
     first_bad_step: torch.Tensor
+    health: kan_health.KanHealth | None = None
     host_step: int = 0
     best_acc1: float = -1.0
     diverged_at: int = -1  # set by the log closure from first_bad_step
@@ -104,7 +107,8 @@ def build_state(cfg: Config, device: torch.device) -> TrainState:
     zero = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
     return TrainState(model, optimizer, step=zero(torch.int64), loss_sum=zero(torch.float32),
                       acc_sums=torch.zeros(2, device=device), skipped=zero(torch.int64),
-                      first_bad_step=zero(torch.int64) - 1)
+                      first_bad_step=zero(torch.int64) - 1,
+                      health=kan_health.KanHealth(model, device) if cfg.run.kan_health else None)
 
 
 @functools.lru_cache
@@ -154,6 +158,8 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
         loss, skipped = loss + micro_loss.detach() / o.grad_accum, skipped + num_skipped.sum()
         acc = acc + _train_accuracy(logits.detach(), targets) / o.grad_accum
     backend.reduce_gradients(optimizer)  # a mean over replicas
+    if state.health is not None:
+        state.health.observe_gradients(model.parameters())
     if o.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
     optimizer.step()
@@ -169,16 +175,19 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
     state.skipped = torch.where(restart, 0, state.skipped) + skipped
     state.first_bad_step = torch.where(
         (state.first_bad_step < 0) & ~torch.isfinite(loss), state.step + 1, state.first_bad_step)
+    if state.health is not None:
+        state.health.end_update(restart, lambda value: backend.all_reduce_sum(value) / backend.world_size)
     state.step = state.step + 1
     state.host_step += 1
     if state.host_step % cfg.schedule.log_interval == 0 or state.host_step == cfg.schedule.training_steps:
         interval = (state.host_step - 1) % cfg.schedule.log_interval + 1
+        health = state.health.tensors() if state.health is not None else None
         backend.after_step(_log_train, (state, logger, state.host_step, interval, state.loss_sum,
-                                        state.acc_sums, lr, state.skipped, state.first_bad_step))
+                                        state.acc_sums, lr, state.skipped, state.first_bad_step, health))
     backend.sync()
 
 
-def _log_train(state, logger, step, interval, loss_sum, acc_sums, lr, skipped, first_bad_step) -> None:
+def _log_train(state, logger, step, interval, loss_sum, acc_sums, lr, skipped, first_bad_step, health) -> None:
     """Runs after the step's graph executed: reading the tensors is a copy, not a sync (.cpu()
     rather than .item(), which torch_xla runs as an aten fallback). On a GPU it waits for the step."""
     first_bad = int(first_bad_step.cpu())
@@ -186,8 +195,11 @@ def _log_train(state, logger, step, interval, loss_sum, acc_sums, lr, skipped, f
         state.diverged_at = first_bad
     if logger is not None:
         acc1, acc5 = (acc_sums.cpu() / interval).tolist()
-        logger.train(step, {"train/loss": float(loss_sum.cpu()) / interval, "train/acc1": acc1, "train/acc5": acc5,
-                            "train/lr": float(lr.cpu()), "data/skipped": int(skipped.cpu())})
+        metrics = {"train/loss": float(loss_sum.cpu()) / interval, "train/acc1": acc1, "train/acc5": acc5,
+                   "train/lr": float(lr.cpu()), "data/skipped": int(skipped.cpu())}
+        if health is not None:
+            metrics.update(kan_health.metrics(*health, interval))
+        logger.train(step, metrics)
 
 
 @torch.no_grad()

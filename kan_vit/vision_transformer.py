@@ -7,14 +7,18 @@ Built on timm's `VisionTransformer`; the options below express the original's se
   * LayerNorm eps 1e-6, tanh-approximated GELU, LayerScale init 1e-4
   * kernels and embeddings ~ normal(0.02) truncated at +-2 std, biases zero
   * feed-forward: `ChebyKAN` (D -> D, no bias, no dropout) or the DeiT MLP
+
+Ablation switches, all off by default (then neither parameters nor outputs change): per-block
+KAN degrees, a learned input scale before tanh, and the KAN paper's residual base branch.
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import List, Optional
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, Mlp, register_notrace_module, resample_abs_pos_embed, trunc_normal_tf_
@@ -71,14 +75,29 @@ class ChebyKANFeedForward(nn.Module):
 
     timm passes MLP options (hidden_features, act_layer, drop, bias, norm_layer, ...); the
     original's KAN branch has no hidden expansion, activation, bias or dropout, so they are unused.
+    `base_branch=True` adds the KAN paper's residual term: y = KAN(x) + W_b SiLU(x), W_b a Linear
+    without bias (an ablation; the original has none).
     """
 
-    def __init__(self, in_features: int, degree: int = 8, device=None, dtype=None, **mlp_kwargs):
+    def __init__(self, in_features: int, degree: int = 8, input_scale: bool = False, base_branch: bool = False,
+                 device=None, dtype=None, **mlp_kwargs):
         super().__init__()
-        self.kan = ChebyKAN(in_features, in_features, degree, device=device, dtype=dtype)
+        self.kan = ChebyKAN(in_features, in_features, degree, input_scale=input_scale, device=device, dtype=dtype)
+        self.base = nn.Linear(in_features, in_features, bias=False, device=device, dtype=dtype) if base_branch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kan(x)
+        y = self.kan(x)
+        if self.base is not None:
+            y = y + self.base(F.silu(x))
+        return y
+
+
+def _per_block_feed_forward(degrees: list, depth: int, kan_options: dict):
+    """A timm `mlp_layer` giving the i-th block it builds (timm builds them in order) degree i."""
+    if len(degrees) != depth:
+        raise ValueError(f"polynomial_degree lists {len(degrees)} degrees for {depth} blocks: give one per block")
+    remaining = iter(degrees)
+    return lambda in_features, **kwargs: ChebyKANFeedForward(in_features, degree=next(remaining), **kan_options, **kwargs)
 
 
 def _checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +114,9 @@ class KanVisionTransformer(VisionTransformer):
 
     Args (the original's flags; everything else is timm's `VisionTransformer`):
         use_kan: ChebyKAN feed-forward instead of the MLP.
-        polynomial_degree: Chebyshev degree K >= 1 of the KAN layers.
+        polynomial_degree: Chebyshev degree K >= 1 of the KAN layers, or one degree per block.
+        kan_input_scale: learned per-channel scale before each KAN layer's tanh (ablation).
+        kan_base_branch: residual base branch W_b SiLU(x) beside each KAN layer (ablation).
         posemb: 'learnable' (trained, patch tokens only) or 'sincos2d' (fixed).
         pooling: 'cls' (class token) or 'gap' (mean over all tokens, no class token).
         layerscale: learned per-channel residual scales, init 1e-4.
@@ -108,7 +129,9 @@ class KanVisionTransformer(VisionTransformer):
     def __init__(
         self,
         use_kan: bool = True,
-        polynomial_degree: int = 8,
+        polynomial_degree: Union[int, Sequence[int]] = 8,
+        kan_input_scale: bool = False,
+        kan_base_branch: bool = False,
         posemb: str = "learnable",
         pooling: str = "cls",
         layerscale: bool = False,
@@ -133,7 +156,11 @@ class KanVisionTransformer(VisionTransformer):
         self.posemb = posemb
         self.pooling = pooling
         if use_kan:
-            mlp_layer = partial(ChebyKANFeedForward, degree=polynomial_degree)
+            kan_options = dict(input_scale=kan_input_scale, base_branch=kan_base_branch)
+            if isinstance(polynomial_degree, int):
+                mlp_layer = partial(ChebyKANFeedForward, degree=polynomial_degree, **kan_options)
+            else:
+                mlp_layer = _per_block_feed_forward(list(polynomial_degree), kwargs.get("depth", 12), kan_options)
         else:
             mlp_layer = Mlp
         super().__init__(
