@@ -41,6 +41,17 @@ def rerun_resumes(command: list[str], env: dict, out_dir, killed_at: int) -> Non
     assert f"resuming from {out_dir / 'last.pth'} at step {killed_at}" in rerun.stdout + rerun.stderr
 
 
+def assert_resume_matches_uninterrupted(command_for, env: dict, tmp_path, total_steps: int) -> None:
+    """Run `command_for(out_dir)` uninterrupted in tmp_path/whole and killed + rerun in
+    tmp_path/broken; both must end alike."""
+    whole = subprocess.run(command_for(tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    broken = tmp_path / "broken"
+    killed_at = kill_at_first_checkpoint(command_for(broken), env, broken, total_steps)
+    rerun_resumes(command_for(broken), env, broken, killed_at)
+    assert_same_end(tmp_path / "whole", broken, total_steps)
+
+
 def assert_same_end(whole_dir, resumed_dir, total_steps: int) -> None:
     """Same final parameters and Adam moments (1e-6) and the same logged records."""
     a, b = checkpoint.load(str(whole_dir / "last.pth")), checkpoint.load(str(resumed_dir / "last.pth"))

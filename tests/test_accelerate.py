@@ -14,7 +14,7 @@ from kan_vit import checkpoint, train
 from kan_vit.config import load
 from kan_vit.metrics_log import read_metrics
 from cpu_processes import torchrun, without_torch_xla_env
-from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
+from kill_and_resume import assert_resume_matches_uninterrupted
 from test_replicas import BATCH, CLASSES, SIZE, _run_job, _valid_parts
 from test_train import DEMO, EVALUATE, ROOT, tiny_overrides
 
@@ -111,15 +111,9 @@ def test_two_processes_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
                                       "schedule.log_interval=4", "model.dropout=0.1", "model.droppath=0.1",
                                       "data.train_loader_workers=2"]
 
-    env = without_torch_xla_env(tmp_path)
-    _check(subprocess.run(torchrun(2, TRAIN_GPU, *_args(overrides(tmp_path / "whole"))), env=env,
-                          capture_output=True, text=True, timeout=300))
-    broken = tmp_path / "broken"
-    command = torchrun(2, TRAIN_GPU, *_args(overrides(broken)))
-    killed_at = kill_at_first_checkpoint(command, env, broken, total_steps=24)
-    rerun_resumes(command, env, broken, killed_at)
-    assert_same_end(tmp_path / "whole", broken, total_steps=24)
-    assert len(checkpoint.load(str(broken / "last.pth"))["rng"]) == 2
+    assert_resume_matches_uninterrupted(lambda out: torchrun(2, TRAIN_GPU, *_args(overrides(out))),
+                                        without_torch_xla_env(tmp_path), tmp_path, 24)
+    assert len(checkpoint.load(str(tmp_path / "broken" / "last.pth"))["rng"]) == 2
 
 
 @pytest.mark.slow

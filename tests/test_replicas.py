@@ -14,7 +14,7 @@ from kan_vit import checkpoint, train
 from kan_vit.config import load, to_dict
 from kan_vit.metrics_log import RunLogger, read_metrics
 from cpu_processes import torchrun, without_torch_xla_env
-from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
+from kill_and_resume import assert_resume_matches_uninterrupted
 from test_train import DEMO, LAUNCH, tiny_overrides
 
 JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "replica_jobs.py")
@@ -119,16 +119,8 @@ def test_two_replicas_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
         return tiny_overrides(out) + ["schedule.training_steps=24", "schedule.eval_interval=8",
                                       "schedule.log_interval=4", "model.dropout=0.1", "model.droppath=0.1"]
 
-    command, env = _launch(overrides(tmp_path / "whole"), 2)
-    whole = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-
-    broken = tmp_path / "broken"
-    command, env = _launch(overrides(broken), 2)
-    killed_at = kill_at_first_checkpoint(command, env, broken, total_steps=24)
-    rerun_resumes(command, env, broken, killed_at)
-    assert_same_end(tmp_path / "whole", broken, total_steps=24)
-    assert len(checkpoint.load(str(broken / "last.pth"))["rng"]) == 2
+    assert_resume_matches_uninterrupted(lambda out: _launch(overrides(out), 2)[0], _replica_env(2), tmp_path, 24)
+    assert len(checkpoint.load(str(tmp_path / "broken" / "last.pth"))["rng"]) == 2
 
 
 @pytest.mark.slow
