@@ -1,7 +1,7 @@
 """Several XLA replicas on a CPU-only machine: `PJRT_DEVICE=CPU CPU_NUM_DEVICES=N` with N > 1.
 
 There `xmp.spawn` runs the N replicas as threads of one process, one XLA:CPU device each, and
-XLA:CPU runs their collectives in-process. Two things would make those collectives hang:
+XLA:CPU runs their collectives in-process. Three things would make those collectives hang:
 - every thread compiles its own copy of a step graph, the copies get different HLO module ids,
   and so their all-reduces wait in different rendezvous (XLA aborts after 10 s). Compiling under
   one process-wide lock lets the second thread find the first one's executable in the graph
@@ -10,7 +10,7 @@ XLA:CPU runs their collectives in-process. Two things would make those collectiv
   collective can starve the others;
 - with input buffers donated to outputs (torch_xla's default), launching a graph blocks until it
   has run, so the lock above would be held while the graph waits for the other replicas.
-Neither applies on TPU, where each replica is a process with its own chip: nothing here runs there.
+None of this applies on TPU, where each replica is a process with its own chip: nothing here runs there.
 Replicas as threads also share the host RNGs and Python globals; the trainer keeps no
 per-replica state in them (`kan_vit.seeding` serialises every use of the host RNGs).
 """
