@@ -1,0 +1,135 @@
+"""The command-line programs: `kan-vit-train` and `kan-vit-eval` (also `launch/train_tpu.py`,
+`launch/train_gpu.py` and `launch/evaluate.py`, which call them).
+
+Both run on torch_xla (every XLA device of this host: TPU chips, or CPU devices in tests) or
+through accelerate (every process of an `accelerate launch` / torchrun job, or one GPU / CPU
+process). `--backend auto` picks accelerate when started by accelerate launch / torchrun, when a
+GPU is present or when torch_xla is not installed, else torch_xla. The whole config (keys,
+values, combinations, datasets, the checkpoint to resume) is checked before any process starts;
+a problem prints one line and exits with status 2; a diverged run exits with status 3.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import yaml
+
+from . import backend
+from .config import ConfigError, from_dict, launcher_parser, load, to_dict
+from .data import create_valid_loader
+from .pretrained import load_weights
+from .train import (DivergenceError, build_model, check_resume, evaluate, expected_world_size, launch,
+                    load_checked_config, spawn, train)
+
+TRAIN_DOC = """Train KAN-ViT / DeiT with the original's recipes.
+
+    kan-vit-train --config configs/kan_s16.yaml [--set section.key=value ...]     # a TPU VM / pod host
+    accelerate launch launch/train_gpu.py --config configs/kan_s16.yaml            # GPUs
+
+Rerunning the same command resumes from run.output_dir/last.pth (run.resume: auto | never | PATH).
+"""
+
+EVAL_DOC = """Evaluate a checkpoint on a config's validation data: every image exactly once.
+
+    kan-vit-eval --config runs/kan-s16/config.yaml --checkpoint runs/kan-s16/best.pth
+
+The checkpoint may be a trainer checkpoint from either backend (last.pth / best.pth), a
+.safetensors / .pth state dict, or an original `.msgpack`; a learnable position embedding is
+resized to model.image_size. Prints val/acc1, val/acc5, val/loss and val/count as JSON.
+"""
+
+BACKENDS = ("auto", backend.XLA, backend.ACCELERATE)
+
+
+def detect_backend() -> str:
+    if "LOCAL_RANK" in os.environ:  # set by accelerate launch and torchrun
+        return backend.ACCELERATE
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        return backend.ACCELERATE
+    import torch
+
+    return backend.ACCELERATE if torch.cuda.is_available() and "PJRT_DEVICE" not in os.environ else backend.XLA
+
+
+def _parser(doc: str, config_help: str, backend_name: str | None):
+    parser = launcher_parser(doc + (__doc__ if backend_name is None else ""), config_help)
+    if backend_name is None:
+        parser.add_argument("--backend", choices=BACKENDS, default="auto", help="where to run (default: auto)")
+    return parser
+
+
+def _use_backend(name: str, config: str, overrides: list[str]) -> None:
+    if name == backend.ACCELERATE:  # the accelerator's precision and compilation come from the config
+        run = load(config, overrides).run
+        backend.use(backend.AccelerateBackend(bf16=run.bf16, compile=run.compile))
+
+
+def train_main(argv=None, backend_name: str | None = None, doc: str = TRAIN_DOC) -> int:
+    """`kan-vit-train`; launchers pass `backend_name` to fix the backend."""
+    args = _parser(doc, "YAML config (sections data, augment, model, optim, schedule, run)", backend_name).parse_args(argv)
+    name = backend_name or (detect_backend() if args.backend == "auto" else args.backend)
+    try:
+        _use_backend(name, args.config, args.set)
+        cfg = load_checked_config(args.config, args.set)
+        check_resume(cfg, expected_world_size())
+    except (ConfigError, ValueError) as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    if name == backend.XLA or backend.current().accelerator.is_main_process:  # XLA: before spawning
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
+    try:
+        if name == backend.ACCELERATE:
+            train(cfg)
+            backend.current().accelerator.end_training()
+        else:
+            launch(cfg)
+    except DivergenceError as error:
+        print(f"stopped: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _model(cfg, checkpoint: str):
+    """The configured model with the checkpoint's weights (its head must fit model.labels)."""
+    model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_ckpt=None)))
+    load_weights(model, checkpoint, new_head=False)
+    return model
+
+
+def evaluate_checkpoint(cfg, checkpoint: str) -> None:
+    """In every process: its share of the validation set; the first process prints the metrics."""
+    b = backend.current()
+    model = _model(cfg, checkpoint).to(b.device)
+    loader, _ = create_valid_loader(cfg, world_size=b.world_size, rank=b.rank, local_replicas=b.local_process_count)
+    metrics = evaluate(model, b.device_loader(loader), cfg)
+    if b.rank == 0:
+        print(json.dumps({"checkpoint": checkpoint, **metrics}), flush=True)
+
+
+def _evaluate_replica(index: int, cfg_dict: dict, checkpoint: str) -> None:
+    evaluate_checkpoint(from_dict(cfg_dict), checkpoint)
+
+
+def evaluate_main(argv=None) -> int:
+    """`kan-vit-eval`."""
+    parser = _parser(EVAL_DOC, "the training config (model and validation data)", None)
+    parser.add_argument("--checkpoint", required=True, help="trainer checkpoint, .safetensors, .pth or .msgpack")
+    args = parser.parse_args(argv)
+    name = detect_backend() if args.backend == "auto" else args.backend
+    try:
+        _use_backend(name, args.config, args.set)
+        cfg = load_checked_config(args.config, args.set)
+        _model(cfg, args.checkpoint)  # a checkpoint that does not fit fails here, before spawning
+    except (ConfigError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if name == backend.ACCELERATE:
+        evaluate_checkpoint(cfg, args.checkpoint)
+    else:
+        spawn(_evaluate_replica, (to_dict(cfg), args.checkpoint))
+    return 0
