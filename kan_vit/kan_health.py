@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -32,8 +32,8 @@ def degree_energy(coefficients: torch.Tensor) -> torch.Tensor:
 
 
 class KanHealth:
-    """Hooks on every ChebyKAN of `model` plus the interval sums; call `observe_gradients` after
-    backward (before clipping) and `end_update` after the optimizer step, in every update."""
+    """Hooks on every ChebyKAN of `model` plus the interval sums; call `observe_grad_norm` with the
+    gradient norm before clipping and `end_update` after the optimizer step, in every update."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.layers = [module for module in model.modules() if isinstance(module, ChebyKAN)]
@@ -50,8 +50,9 @@ class KanHealth:
             x = layer.tanh_input(args[0].detach())
             self._update_fractions[index].append((x.abs() > SATURATION).float().mean())
 
-    def observe_gradients(self, parameters: Iterable[torch.Tensor]) -> None:
-        self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    def observe_grad_norm(self, grad_norm: torch.Tensor) -> None:
+        """The update's global gradient norm before clipping (the trainer's clipping computes it anyway)."""
+        self._grad_norm = grad_norm
 
     def end_update(self, restart: torch.Tensor, replica_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Add this update to the interval sums (restarted where `restart`), then take the

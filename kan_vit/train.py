@@ -158,10 +158,12 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
         loss, skipped = loss + micro_loss.detach() / o.grad_accum, skipped + num_skipped.sum()
         acc = acc + _train_accuracy(logits.detach(), targets) / o.grad_accum
     backend.reduce_gradients(optimizer)  # a mean over replicas
-    if state.health is not None:
-        state.health.observe_gradients(model.parameters())
     if o.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)  # the norm before clipping
+    elif state.health is not None:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    if state.health is not None:
+        state.health.observe_grad_norm(grad_norm)
     optimizer.step()
 
     # Interval metrics stay on the device; the sums restart after each logged update. The
