@@ -3,9 +3,8 @@ AdamW / LAMB, and the warmup-cosine schedule computed on the device.
 
 XLA: the schedule runs on a 0-dim device step tensor and `set_lr` stores device tensors in the
 param groups, so the lr lives inside the step graph (no per-step host->device scalar upload,
-no `.item()`); with `create_optimizer` neither optimizer recompiles or falls back to the CPU
-(timm's LAMB keeps its step count on the host: its bias corrections are uploaded as two scalars
-per step and cause one recompile each, once per run, when float32(1 - beta**t) reaches 1.0).
+no `.item()`); AdamW (capturable) and LAMB (ChunkedTrustLamb) keep their step counts and bias
+corrections on the device too, so neither uploads, recompiles or falls back to the CPU.
 
 Trainer use, per optimizer update (`step` a 0-dim int tensor on the device, the update's
 0-based index):
@@ -21,6 +20,7 @@ from typing import Union
 import torch
 from torch import nn
 from timm.optim import Lamb
+from timm.optim.lamb import lamb
 
 from .chebykan import ChebyKAN
 from .config import OptimConfig
@@ -117,10 +117,13 @@ def create_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Op
 
 
 class ChunkedTrustLamb(Lamb):
-    """timm's LAMB with one trust ratio per 1/k of the rows of each param in a group with
-    `trust_chunks` k > 1. The original keeps q, k and v as separate kernels and takes a trust
-    ratio per kernel, where timm's LAMB would take one for the fused attn.qkv.weight. Each step
-    hands timm's update the row blocks as separate params (views: the updates land in place)."""
+    """timm's LAMB update (its functional `lamb`) with two changes of its step loop:
+    - one trust ratio per 1/k of the rows of each param in a group with `trust_chunks` k > 1: the
+      original keeps q, k and v as separate kernels and takes a trust ratio per kernel, where timm
+      would take one for the fused attn.qkv.weight (the row blocks are views: updates land in place);
+    - the step count and the bias corrections are tensors on the params' device, so an XLA step
+      uploads nothing and compiles once (timm's host step count sends two new scalars every update,
+      and recompiles when float32(1 - beta ** t) reaches 1.0)."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -128,29 +131,40 @@ class ChunkedTrustLamb(Lamb):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        chunked = [group for group in self.param_groups if group.get("trust_chunks", 1) > 1]
-        fused = [group["params"] for group in chunked]
-        for group in chunked:
-            k, parts = group["trust_chunks"], []
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+        clip_grad_norm = self._get_clip_grad_norm()  # None unless max_grad_norm is set
+        for group in self.param_groups:
+            with_grad = [param for param in group["params"] if param.grad is not None]
+            if not with_grad:
+                continue
+            device = with_grad[0].device
+            step = group.get("step")
+            if not torch.is_tensor(step) or step.device != device:  # first update, or restored on the host
+                group["step"] = torch.tensor(0.0 if step is None else float(step), device=device)
+            group["step"].add_(1)
+            beta1, beta2 = group["betas"]
+            if group["bias_correction"]:
+                bias_correction1, bias_correction2 = 1 - beta1 ** group["step"], 1 - beta2 ** group["step"]
+            else:
+                bias_correction1, bias_correction2 = 1.0, 1.0
+            chunks = group.get("trust_chunks", 1)
+            params, grads, exp_avgs, exp_avg_sqs = [], [], [], []
+            for param in with_grad:
                 state = self.state[param]
                 if not state:
                     state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(param), torch.zeros_like(param)
-                for part, grad, exp_avg, exp_avg_sq in zip(param.chunk(k), param.grad.chunk(k),
-                                                           state["exp_avg"].chunk(k), state["exp_avg_sq"].chunk(k)):
-                    part.grad = grad
-                    self.state[part] = dict(exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-                    parts.append(part)
-            group["params"] = parts
-        try:
-            super().step()
-        finally:
-            for group, params in zip(chunked, fused):
-                for part in group["params"]:
-                    del self.state[part]
-                group["params"] = params
+                params += param.chunk(chunks)
+                grads += param.grad.chunk(chunks)
+                exp_avgs += state["exp_avg"].chunk(chunks)
+                exp_avg_sqs += state["exp_avg_sq"].chunk(chunks)
+            decoupled_decay = group.get("decoupled_decay", False)
+            lamb(
+                params, grads, exp_avgs, exp_avg_sqs, clip_grad_norm=clip_grad_norm, foreach=group["foreach"],
+                lr=group["lr"], beta1=beta1, beta2=beta2, beta3=1 - beta1 if group["grad_averaging"] else 1.0,
+                bias_correction1=bias_correction1, bias_correction2=bias_correction2, eps=group["eps"],
+                weight_decay=group["weight_decay"], decoupled_decay=decoupled_decay,
+                max_lr=group["max_lr_snapshot"] if decoupled_decay and group["corrected_weight_decay"] else None,
+                trust_clip=group["trust_clip"], always_adapt=group["always_adapt"], caution=group["caution"],
+            )
         return loss
 
 

@@ -269,8 +269,7 @@ def test_xla_lr_changes_add_no_compilation_or_fallback(name):
     compile_time = met.metric_data("CompileTime")
     assert compile_time is None or compile_time[0] == 0
     assert [c for c in met.counter_names() if c.startswith("aten::")] == []
-    if name == "adamw":  # step count and lr on the device: nothing uploaded per step
-        assert met.metric_data("TransferToDeviceTime") is None
+    assert met.metric_data("TransferToDeviceTime") is None  # step counts and lr on the device: no uploads
     # the same updates as on the CPU, except the key bias: its gradient is exactly 0 in theory
     # (softmax ignores it), so Adam turns float noise, which differs by backend, into steps.
     reference = dict(_train("cpu", name, 7).named_parameters())
@@ -280,3 +279,32 @@ def test_xla_lr_changes_add_no_compilation_or_fallback(name):
             dim = got.shape[0] // 3
             got, want = torch.cat([got[:dim], got[2 * dim:]]), torch.cat([want[:dim], want[2 * dim:]])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.slow
+def test_xla_lamb_compiles_no_more_than_adamw_when_bias_corrections_saturate():
+    """With betas 0.5, float32(1 - 0.5 ** t) reaches 1.0 at t = 25: a bias correction that were a
+    host scalar would become XLA's special constant 1 there and compile a new graph."""
+    import torch_xla
+    import torch_xla.debug.metrics as met
+
+    compiles, uploads = {}, {}
+    for name in ("adamw", "lamb"):
+        torch.manual_seed(0)
+        device = torch_xla.device()
+        model = timm.create_model("deit_jax_tiny_patch16_224", depth=1, img_size=8, patch_size=4, embed_dim=8,
+                                  num_heads=2, num_classes=3).to(device)
+        opt = create_optimizer(model, OptimConfig(optimizer=name, adam_b1=0.5, adam_b2=0.5))
+        set_lr(opt, torch.tensor(1e-3, device=device))
+        x, y = torch.randn(2, 3, 8, 8).to(device), torch.tensor([0, 2]).to(device)
+        for step in range(30):
+            if step == 2:  # the first update creates the optimizer state: its graph differs
+                met.clear_all()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            torch_xla.sync()
+        compiles[name] = (met.metric_data("CompileTime") or [0])[0]
+        uploads[name] = (met.metric_data("TransferToDeviceTime") or [0])[0]
+    assert compiles == {"adamw": 0, "lamb": 0}
+    assert uploads == {"adamw": 0, "lamb": 0}
