@@ -126,6 +126,13 @@ class XlaBackend:
         """End the graph traced so far and run it."""
         self._torch_xla.sync()
 
+    def compile_count(self) -> int:
+        """Graphs XLA compiled in this process so far (all replica threads on CPU)."""
+        import torch_xla.debug.metrics as met
+
+        compile_time = met.metric_data("CompileTime")
+        return compile_time[0] if compile_time else 0
+
     def device_loader(self, loader):
         """uint8 batches moved to the device by a background thread, ahead of the step."""
         import torch_xla.distributed.parallel_loader as pl
@@ -230,6 +237,14 @@ class AccelerateBackend:
 
     def sync(self) -> None:
         """Eager execution: nothing to end."""
+
+    def compile_count(self) -> int | None:
+        """Graphs torch.compile (run.compile) built so far; None when the model runs eagerly."""
+        if self.accelerator.state.dynamo_plugin.backend.value.lower() == "no":
+            return None
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"]
 
     def device_loader(self, loader):
         return _DeviceLoader(loader, self.device)

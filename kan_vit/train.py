@@ -344,7 +344,7 @@ def train(cfg: Config) -> dict:
     valid_loader = backend.device_loader(valid_data)
     batches = iter(train_loader)
     s = cfg.schedule
-    metrics = {}
+    metrics, compiles_at_last_eval = {}, None
     while state.host_step < s.training_steps:
         try:
             micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
@@ -360,7 +360,12 @@ def train(cfg: Config) -> dict:
         if first_bad >= 0:
             raise DivergenceError(_diverged_message(first_bad, cfg))
         metrics = evaluate(state.model, valid_loader, cfg)
-        logger.eval(state.host_step, metrics)
+        compiles = backend.compile_count()  # logged at every evaluation: a recompiling step shows at once
+        logger.eval(state.host_step, metrics if compiles is None else {**metrics, "perf/compiles": compiles})
+        if compiles_at_last_eval is not None and compiles > compiles_at_last_eval:
+            logger.info(f"warning: {compiles - compiles_at_last_eval} graph compilations since the last evaluation: "
+                        "a step's graph changed (PT_XLA_DEBUG_LEVEL=2 prints why on XLA)")
+        compiles_at_last_eval = compiles
         # Evaluate before writing `last` (the original writes it first): every checkpoint then
         # includes its evaluation, so a resumed run repeats exactly what an uninterrupted one does.
         improved = metrics["val/acc1"] > state.best_acc1

@@ -151,6 +151,9 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
         _check(subprocess.run([sys.executable, TRAIN_GPU, *_args(overrides)], env=without_torch_xla_env(tmp_path),
                               capture_output=True, text=True, timeout=600))
         runs[compiled] = checkpoint.load(str(out / "last.pth"))
+        evals = [r for r in read_metrics(str(out / "metrics.jsonl")) if "val/acc1" in r]
+        # the compile count is logged for a compiled model only: at least its train and eval graphs
+        assert evals[-1]["perf/compiles"] >= 2 if compiled else "perf/compiles" not in evals[-1]
     eager, compiled = runs[False], runs[True]
     assert compiled["model"].keys() == eager["model"].keys()
     for key, value in eager["model"].items():

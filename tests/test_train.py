@@ -202,6 +202,8 @@ def test_demo_short_run_learns_and_writes_its_files(tmp_path):
     evals = [r for r in records if "val/acc1" in r]
     assert [r["step"] for r in evals] == [30, 60]
     assert evals[-1]["val/acc1"] > 0.2 and evals[-1]["val/count"] == 360  # chance is 0.1; every image once
+    # the compile count logged at each evaluation: graphs exist after the first, none is added later
+    assert evals[0]["perf/compiles"] > 0 and evals[1]["perf/compiles"] == evals[0]["perf/compiles"]
     assert load(str(out / "config.yaml")) == load(DEMO, overrides)
     last = torch.load(out / "last.pth", weights_only=True)  # what timm's loader does
     assert last["step"] == 60 and last["metrics"]["val/acc1"] == evals[-1]["val/acc1"]
