@@ -93,6 +93,12 @@ class XlaBackend:
 
     # --- Model and step ---
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """timm's attention in its explicit form (q k^T, softmax, @ v, as the original): on XLA,
+        scaled_dot_product_attention lowers to the same ops plus a check of every attention row for
+        all-masked scores, one more reduction per row (benchmarks/xla_step.py measures the step)."""
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
         return model
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
