@@ -127,6 +127,12 @@ class GroupStepAdamW(torch.optim.AdamW):
     lr, keeps a count per param: on XLA that is ~5 scalar kernels per param and update (~750 for
     ViT-S), a quarter of the update's time on XLA:CPU. For XLA devices; no amsgrad / maximize."""
 
+    def __setstate__(self, state: dict) -> None:
+        torch.optim.Optimizer.__setstate__(self, state)  # not Adam's: it expects a count per param
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
