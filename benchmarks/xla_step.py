@@ -43,6 +43,8 @@ from common import machine_info  # noqa: E402
 
 MODELS = {"KAN-ViT-S/16": "kan_s16.yaml", "DeiT-S/16": "deit_s16.yaml"}
 PRECISIONS = ("fp32", "bf16")
+# --changes: the step with this project's XLA changes reverted, cumulatively
+UNDO = {"before both changes": ("attention", "adamw"), "without GroupStepAdamW": ("adamw",)}
 WARMUP_UPDATES = 2
 
 
@@ -60,8 +62,10 @@ def fixed_batch(cfg):
     return rng.integers(0, 256, (batch, 3, size, size), dtype=np.uint8), rng.integers(0, labels, batch)
 
 
-def torch_xla_update(cfg):
-    """The trainer's update on the XLA device, as a function that waits for its execution."""
+def torch_xla_update(cfg, undo: tuple = ()):
+    """The trainer's update on the XLA device, as a function that waits for its execution. `undo`
+    reverts this project's XLA step changes, to measure what each bought: "attention" (SDPA instead
+    of the explicit attention), "adamw" (torch's capturable AdamW instead of GroupStepAdamW)."""
     import torch_xla
     import torch_xla.core.xla_model as xm
 
@@ -69,6 +73,12 @@ def torch_xla_update(cfg):
 
     device = torch_xla.device()
     state = train.build_state(cfg, device)
+    if "attention" in undo:
+        for module in state.model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = True
+    if "adamw" in undo:
+        state.optimizer = torch.optim.AdamW(state.optimizer.param_groups, capturable=True)
     images, labels = fixed_batch(cfg)
     targets = torch.nn.functional.one_hot(torch.from_numpy(labels), cfg.model.labels).float()
     micro_batch = (torch.from_numpy(images).to(device), targets.to(device),
@@ -150,6 +160,8 @@ def main():
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--original", help="the src folder of a KAN-ViT (original JAX) checkout")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
+    parser.add_argument("--changes", action="store_true",
+                        help="also time fp32 with the explicit attention and GroupStepAdamW reverted (what each bought)")
     parser.add_argument("--no-hlo", action="store_true", help="skip the HLO counts (two compilations less per setup)")
     parser.add_argument("--hlo-child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,13 +181,15 @@ def main():
         return
 
     setups = [(model, precision) for model in models for precision in PRECISIONS]
+    if args.changes:
+        setups += [(model, f"fp32 {name}") for model in models for name in UNDO]
     if args.original:
         setups += [(model, "original") for model in models]
     updates, warmup = {}, {}
     for model, precision in setups:
-        cfg = load_config(model, "fp32" if precision == "original" else precision, args.batch)
+        cfg = load_config(model, "fp32" if precision == "original" else precision.split()[0], args.batch)
         updates[model, precision] = (original_update(cfg, args.original) if precision == "original"
-                                     else torch_xla_update(cfg))
+                                     else torch_xla_update(cfg, UNDO.get(precision[5:], ())))
         count, seconds = compile_stats()
         start = time.perf_counter()
         for _ in range(WARMUP_UPDATES):
@@ -192,7 +206,8 @@ def main():
             times[setup].append(time.perf_counter() - start)
     compiles_during_timing = compile_stats()[0] - count_before_timing
     load_average = os.getloadavg()
-    hlo = {} if args.no_hlo else {setup: hlo_child(*setup, args.batch, args.original) for setup in setups}
+    hlo = {} if args.no_hlo else {setup: hlo_child(*setup, args.batch, args.original) for setup in setups
+                                  if setup[1] in PRECISIONS or setup[1] == "original"}
 
     print(machine_info())
     print(f"load average (1, 5, 15 min) after timing: {load_average[0]:.2f}, {load_average[1]:.2f}, "

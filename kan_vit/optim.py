@@ -98,18 +98,19 @@ def create_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Op
         group["lr"] = optim_cfg.learning_rate * group["lr_scale"]
     betas = (optim_cfg.adam_b1, optim_cfg.adam_b2)
     if optim_cfg.optimizer == "adamw":
-        adamw = GroupStepAdamW if next(model.parameters()).device.type == "xla" else torch.optim.AdamW
-        return adamw(groups, lr=optim_cfg.learning_rate, betas=betas, eps=optim_cfg.adam_eps)
+        if next(model.parameters()).device.type != "xla":
+            return torch.optim.AdamW(groups, lr=optim_cfg.learning_rate, betas=betas, eps=optim_cfg.adam_eps)
+        return _with_zero_state(GroupStepAdamW(groups, lr=optim_cfg.learning_rate, betas=betas, eps=optim_cfg.adam_eps))
     if optim_cfg.optimizer == "lamb":
         for group in groups:
             # Trust ratio on exactly the decayed params, also when weight_decay is 0.
             group["always_adapt"] = group["decayed"]
         # No built-in clipping (the original clips only through optim.clip_grad); L2-style decay
         # added to the Adam direction before the trust ratio, as the original.
-        return ChunkedTrustLamb(
+        return _with_zero_state(ChunkedTrustLamb(
             groups, lr=optim_cfg.learning_rate, betas=betas, eps=optim_cfg.adam_eps,
             max_grad_norm=None, decoupled_decay=False, trust_clip=False,
-        )
+        ))
     raise ValueError(f"optim.optimizer must be 'adamw' or 'lamb', got {optim_cfg.optimizer!r}")
 
 
@@ -119,6 +120,17 @@ def _group_step(group: dict, device: torch.device) -> torch.Tensor:
     if not torch.is_tensor(step) or step.device != device:
         group["step"] = torch.tensor(0.0 if step is None else float(step), device=device)
     return group["step"]
+
+
+def _with_zero_state(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The zero moments and step counts that GroupStepAdamW / ChunkedTrustLamb would create in their
+    first update, created now: on XLA the first update then traces the steady update's graph, and
+    the step compiles once instead of twice (the trainer syncs them to the device first)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            _group_step(group, param.device)
+            optimizer.state[param] = dict(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+    return optimizer
 
 
 class GroupStepAdamW(torch.optim.AdamW):

@@ -105,17 +105,20 @@ def build_state(cfg: Config, device: torch.device) -> TrainState:
     optimizer = create_optimizer(model, cfg.optim)  # after .to(device): the optimizer holds device params
     model = current().prepare(model)  # accelerate: DDP (and torch.compile); the same parameters
     zero = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
-    return TrainState(model, optimizer, step=zero(torch.int64), loss_sum=zero(torch.float32),
-                      acc_sums=torch.zeros(2, device=device), skipped=zero(torch.int64),
-                      first_bad_step=zero(torch.int64) - 1,
-                      health=kan_health.KanHealth(model, device) if cfg.run.kan_health else None)
+    state = TrainState(model, optimizer, step=zero(torch.int64), loss_sum=zero(torch.float32),
+                       acc_sums=torch.zeros(2, device=device), skipped=zero(torch.int64),
+                       first_bad_step=zero(torch.int64) - 1,
+                       health=kan_health.KanHealth(model, device) if cfg.run.kan_health else None)
+    current().sync()  # the zero state becomes device data: the first update runs the steady graph
+    return state
 
 
 @functools.lru_cache
 def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """ImageNet mean/std as (1, 3, 1, 1) device tensors, uploaded once instead of every step."""
-    return (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1),
-            torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1))
+    # shaped on the host: a view taken on the device would stay pending and join the first step's graph
+    return (torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1).to(device),
+            torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1).to(device))
 
 
 def _normalize(images: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,24 @@ def test_no_recompilation_or_cpu_fallback_after_the_first_steps(tmp_path):
         assert 0.0 <= record["train/acc1"] <= record["train/acc5"] <= 1.0
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+def test_the_first_update_compiles_the_only_update_graph(tmp_path, optimizer):
+    """The optimizer state exists before the first update, so it traces the steady update's graph."""
+    cfg = load(DEMO, tiny_overrides(tmp_path) + ["optim.grad_accum=1", "model.droppath=0.0",
+                                                 f"optim.optimizer={optimizer}"])
+    device = torch_xla.device()
+    state = train.build_state(cfg, device)
+    images, targets, _ = _fixed_batch(cfg.data.train_batch_size, cfg.model.labels, cfg.model.image_size)
+    micro_batch = (images.to(device), targets.to(device), torch.zeros(1, dtype=torch.int64, device=device))
+    torch_xla.sync()  # device data, as the loader's batches
+    met.clear_all()
+    counts = []
+    for _ in range(3):
+        train.train_step(state, [micro_batch], cfg)
+        counts.append(met.metric_data("CompileTime")[0])
+    assert counts == [1, 1, 1]
+
+
 def _fixed_batch(n, labels, size, seed=0):
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=gen)
