@@ -16,6 +16,9 @@ the same recipe; JAX and torch_xla then run in one process. That step also draws
 smoothing on the device, which this project does on the host. The original calls `jax.tree_map`,
 which JAX 0.6 removed: it is aliased to `jax.tree_util.tree_map` for newer JAX.
 
+With --original it also times one more kernel in each runtime: the same element-wise update over
+22M floats as one array and as 152 (ViT-S's parameters).
+
 HLO: instruction counts of the steady step graph before XLA's optimisation passes (what torch_xla
 or JAX hands to XLA) and after (what the CPU runs); each setup is compiled once more in a child
 process with XLA_FLAGS=--xla_dump_to, since dumping slows compilation.
@@ -113,6 +116,46 @@ def original_update(cfg, source: str):
         jax.block_until_ready((state[0].params, metrics))
 
     return update
+
+
+def kernel_overhead(reps: int) -> dict:
+    """Median ms of p = 0.9 p + 0.1 g over 22M floats as one array and as 152 arrays (ViT-S's
+    parameter count and number of tensors), torch_xla and JAX: the difference per array is what one
+    more kernel costs each runtime."""
+    import jax
+    import jax.numpy as jnp
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+
+    device, total, fns = torch_xla.device(), 22_000_000, {}
+    for arrays in (1, 152):
+        shape = (total // arrays,)
+        params = [torch.randn(shape).to(device) for _ in range(arrays)]
+        grads = [torch.randn(shape).to(device) for _ in range(arrays)]
+
+        def torch_axpy(params=params, grads=grads):
+            for param, grad in zip(params, grads):
+                param.mul_(0.9).add_(grad, alpha=0.1)
+            torch_xla.sync()
+            xm.wait_device_ops()
+
+        jax_state = [[jnp.ones(shape) for _ in range(arrays)], [jnp.ones(shape) for _ in range(arrays)]]
+        step = jax.jit(lambda ps, gs: [0.9 * p + 0.1 * g for p, g in zip(ps, gs)], donate_argnums=0)
+
+        def jax_axpy(jax_state=jax_state, step=step):
+            jax_state[0] = step(*jax_state)
+            jax.block_until_ready(jax_state[0])
+
+        fns["torch_xla", arrays], fns["JAX", arrays] = torch_axpy, jax_axpy
+    for fn in fns.values():
+        fn(), fn()
+    times = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: 1e3 * statistics.median(ts) for key, ts in times.items()}
 
 
 def compile_stats():
@@ -228,6 +271,14 @@ def main():
         step = "original (JAX, fp32)" if precision == "original" else f"torch_xla {precision}"
         print(f"| {model} | {step} | {median:.3f} | {min(times[model, precision]):.3f} | {ratio} | {wall:.1f} "
               f"| {compiled} | {sizes} |")
+    if args.original:
+        overhead = kernel_overhead(max(args.reps, 10))
+        print("\nper-kernel cost: p = 0.9 p + 0.1 g over 22M floats, median ms\n")
+        print("| runtime | 1 array | 152 arrays | per extra array |")
+        print("|---|---:|---:|---:|")
+        for runtime in ("torch_xla", "JAX"):
+            one, split = overhead[runtime, 1], overhead[runtime, 152]
+            print(f"| {runtime} | {one:.1f} | {split:.1f} | {1e3 * (split - one) / 151:.0f} us |")
     print("\nraw times (s): " + json.dumps({f"{m} {p}": [round(t, 3) for t in ts] for (m, p), ts in times.items()}))
 
 
