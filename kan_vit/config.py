@@ -17,7 +17,7 @@ from typing import Optional
 
 import yaml
 
-from .checkpoint import atomic_outputs
+from .atomic_files import atomic_outputs
 
 
 @dataclass

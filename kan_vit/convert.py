@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import flax_msgpack
-from .checkpoint import atomic_outputs
+from .atomic_files import atomic_outputs
 from .vision_transformer import KanVisionTransformer
 
 __all__ = ["ConvertError", "flax_to_timm", "timm_to_flax", "infer_flax_architecture", "main"]

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .atomic_files import atomic_outputs
 from .chebykan import ChebyKAN, chebyshev_basis
-from .checkpoint import atomic_outputs
 from .kan_health import SATURATION, degree_energy
 
 DEFAULT_RANGE = (-4.0, 4.0)

@@ -14,7 +14,7 @@ import time
 
 from tqdm import tqdm
 
-from .checkpoint import atomic_outputs
+from .atomic_files import atomic_outputs
 from .config import Config, to_dict
 
 METRICS_FILE = "metrics.jsonl"

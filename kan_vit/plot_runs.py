@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from .checkpoint import atomic_outputs
+from .atomic_files import atomic_outputs
 from .metrics_log import METRICS_FILE, read_metrics
 
 PANELS = (("train/loss", "train loss (interval mean)"), ("train/lr", "learning rate"), ("val/acc1", "val acc1"))
