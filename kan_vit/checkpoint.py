@@ -1,14 +1,33 @@
-"""Checkpoint files: weights_only-loadable contents, written atomically.
+"""Checkpoint files: what a trainer checkpoint holds, writing and reading it, and resuming from it.
 
 A checkpoint is a dict of tensors, dicts, lists and Python scalars only, so
 `torch.load(path, weights_only=True)` reads it (timm's loader does, and uses its "model" key).
 Only the global master calls `save` (one writer per file on pods; output_dir on shared storage).
+
+The device RNG (dropout, drop-path) is the only RNG the training loop draws from: host-side
+randomness (augmentation, mixup) is seeded from the data position, so the per-replica device RNG
+states a checkpoint holds make resume exact.
 """
 from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .atomic_files import atomic_outputs
+from .backend import current, rng_backend
+from .config import Config, to_dict
+
+if TYPE_CHECKING:
+    from .train import TrainState
+
+LAST, BEST = "last.pth", "best.pth"  # in run.output_dir
+
+
+class CheckpointError(ValueError):
+    """A file that is not a PyTorch checkpoint; the message names the file and what it holds."""
 
 
 def to_cpu(tree):
@@ -31,3 +50,99 @@ def save(obj: dict, path: str) -> None:
 
 def load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_torch_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
+    """(state dict, the run's config or None) from .safetensors, a .pth state dict or a trainer
+    checkpoint (weights under "model", the resolved config under "config")."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict = load_file(path)
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch raise many kinds for a file that is not theirs
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    config = None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
+        config = state_dict.get("config")
+        state_dict = state_dict["model"]
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
+    return state_dict, config
+
+
+# --- The trainer's checkpoints ------------------------------------------------------------------
+
+def from_state(state: TrainState, cfg: Config, metrics: dict, rng: list) -> dict:
+    """A weights_only-loadable checkpoint, the same on every backend; `rng` holds every replica's
+    device RNG state ({"xla": seed} or {"torch": state[, "cuda": state]})."""
+    return {
+        "model": to_cpu(current().unwrap(state.model).state_dict()),  # no DDP "module." prefix
+        "optimizer": to_cpu(state.optimizer.state_dict()),
+        "step": state.host_step,
+        "train_batch": state.host_step * cfg.optim.grad_accum,  # the data stream position per replica
+        "meters": to_cpu({"loss_sum": state.loss_sum, "acc_sums": state.acc_sums, "skipped": state.skipped}),
+        "rng": rng,
+        "best_acc1": state.best_acc1,
+        "metrics": metrics,
+        "config": to_dict(cfg),
+    }
+
+
+def restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
+    """Continue `state` from `ckpt` on this replica: weights, optimizer, step, meters, device RNG."""
+    backend = current()
+    _check_resumable(ckpt["rng"], backend.world_size, backend.name)
+    backend.unwrap(state.model).load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.host_step, state.best_acc1 = ckpt["step"], ckpt["best_acc1"]
+    state.step = torch.tensor(ckpt["step"], dtype=torch.int64, device=device)
+    state.loss_sum = ckpt["meters"]["loss_sum"].to(device)
+    state.acc_sums = ckpt["meters"]["acc_sums"].to(device)
+    state.skipped = ckpt["meters"]["skipped"].to(device)
+    backend.set_rng_state(ckpt["rng"][backend.rank])
+
+
+def _check_resumable(rng: list[dict], replicas: int, backend_name: str) -> None:
+    """A checkpoint resumes on the backend and replica count that wrote it (its RNG states are theirs)."""
+    written_on = rng_backend(rng[0])
+    if written_on != backend_name:
+        raise ValueError(f"the checkpoint was written on {written_on}, this run is on {backend_name}: its device "
+                         "RNG states do not carry over. Fine-tune from it instead: set "
+                         "model.pretrained_ckpt=PATH and run.resume=never")
+    if len(rng) != replicas:
+        raise ValueError(f"the checkpoint was written by {len(rng)} replicas, this run has {replicas}: resume "
+                         "with the same number of devices, or set run.resume=never")
+
+
+def resume_path(cfg: Config) -> str | None:
+    """run.resume: auto -> output_dir/last.pth when it exists; never -> None; else the given file."""
+    if cfg.run.resume == "never":
+        return None
+    if cfg.run.resume == "auto":
+        path = os.path.join(cfg.run.output_dir, LAST)
+        return path if os.path.exists(path) else None
+    return cfg.run.resume
+
+
+def check_resume(cfg: Config, world_size: int) -> None:
+    """Before spawning: the checkpoint to resume from (if any) was written by `world_size` replicas
+    of the current backend.
+    Reads only the checkpoint's small entries (memory-mapped); raises ValueError otherwise."""
+    path = resume_path(cfg)
+    if path is None:
+        return
+    try:
+        rng = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["rng"]
+    except (OSError, RuntimeError, KeyError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable trainer checkpoint ({error}): point run.resume at "
+                         "one, or set run.resume=never to start over") from None
+    try:
+        _check_resumable(rng, world_size, current().name)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None

@@ -18,11 +18,12 @@ import sys
 import yaml
 
 from . import backend
+from .checkpoint import check_resume
 from .config import ConfigError, from_dict, launcher_parser, load, to_dict
 from .data import create_valid_loader
 from .pretrained import load_weights
-from .train import (DivergenceError, build_model, check_resume, evaluate, expected_world_size, launch,
-                    load_checked_config, spawn, train)
+from .train import (DivergenceError, build_model, evaluate, expected_world_size, launch, load_checked_config,
+                    spawn, train)
 
 TRAIN_DOC = """Train KAN-ViT / DeiT with the original's recipes.
 

@@ -26,6 +26,7 @@ import torch
 
 from . import flax_msgpack
 from .atomic_files import atomic_outputs
+from .checkpoint import CheckpointError, read_torch_checkpoint
 from .vision_transformer import KanVisionTransformer
 
 __all__ = ["ConvertError", "flax_to_timm", "timm_to_flax", "infer_flax_architecture", "main"]
@@ -374,30 +375,6 @@ def save_flax(params: dict, path: str | Path) -> None:
             flax_msgpack.dump(params, f)
 
 
-def read_torch_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
-    """(state dict, the run's config or None) from .safetensors, a .pth state dict or a trainer
-    checkpoint (weights under "model", the resolved config under "config")."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state_dict = load_file(path)
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors and torch raise many kinds for a file that is not theirs
-        raise ConvertError(
-            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-    config = None
-    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
-        config = state_dict.get("config")
-        state_dict = state_dict["model"]
-    if not isinstance(state_dict, dict):
-        raise ConvertError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
-    return state_dict, config
-
-
 def _load_torch_source(source: str) -> tuple[dict, int | None]:
     """(state dict, heads if known) from a file we wrote, a trainer checkpoint or a timm name."""
     import timm
@@ -563,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         for w in caught:
             print(f"Note: {w.message}", file=sys.stderr)
-    except (ConvertError, OSError) as e:
+    except (ConvertError, CheckpointError, OSError) as e:
         print(f"kan-vit-convert: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import checkpoint, kan_health
-from .backend import XlaBackend, current, rng_backend
+from .backend import XlaBackend, current
 from .config import Config, from_dict, load, save as save_config, to_dict, validate
 from .convert import save_flax, timm_to_flax
 from .data import check_dataset, create_train_loader, create_valid_loader
@@ -36,7 +36,7 @@ from .seeding import seeded_host_rngs
 
 _logger = logging.getLogger(__name__)
 
-CONFIG_FILE, LAST, BEST = "config.yaml", "last.pth", "best.pth"
+CONFIG_FILE = "config.yaml"
 
 
 class DivergenceError(RuntimeError):
@@ -233,84 +233,10 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
             "val/count": int(count), "val/skipped": int(skipped)}
 
 
-# --- Checkpoints and resume --------------------------------------------------------------------
-
-# The device RNG (dropout, drop-path) is the only RNG the loop draws from: host-side randomness
-# (augmentation, mixup) is seeded from the data position, so these states make resume exact.
-
-def _seed_replica(cfg: Config, rank: int) -> None:
-    """model.dropout_seed + replica index for dropout/droppath (the original's per-process seed)."""
+def seed_replica(cfg: Config, rank: int) -> None:
+    """model.dropout_seed + replica index for dropout/droppath (the original's per-process seed):
+    the device RNG, the only RNG the loop draws from (see `kan_vit.checkpoint`)."""
     current().seed_rng(cfg.model.dropout_seed + rank)
-
-
-def _checkpoint(state: TrainState, cfg: Config, metrics: dict, rng: list) -> dict:
-    """A weights_only-loadable checkpoint, the same on every backend; `rng` holds every replica's
-    device RNG state ({"xla": seed} or {"torch": state[, "cuda": state]})."""
-    return {
-        "model": checkpoint.to_cpu(current().unwrap(state.model).state_dict()),  # no DDP "module." prefix
-        "optimizer": checkpoint.to_cpu(state.optimizer.state_dict()),
-        "step": state.host_step,
-        "train_batch": state.host_step * cfg.optim.grad_accum,  # the data stream position per replica
-        "meters": checkpoint.to_cpu({"loss_sum": state.loss_sum, "acc_sums": state.acc_sums,
-                                     "skipped": state.skipped}),
-        "rng": rng,
-        "best_acc1": state.best_acc1,
-        "metrics": metrics,
-        "config": to_dict(cfg),
-    }
-
-
-def _restore(state: TrainState, ckpt: dict, device: torch.device) -> None:
-    backend = current()
-    _check_resumable(ckpt["rng"], backend.world_size, backend.name)
-    backend.unwrap(state.model).load_state_dict(ckpt["model"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.host_step, state.best_acc1 = ckpt["step"], ckpt["best_acc1"]
-    state.step = torch.tensor(ckpt["step"], dtype=torch.int64, device=device)
-    state.loss_sum = ckpt["meters"]["loss_sum"].to(device)
-    state.acc_sums = ckpt["meters"]["acc_sums"].to(device)
-    state.skipped = ckpt["meters"]["skipped"].to(device)
-    backend.set_rng_state(ckpt["rng"][backend.rank])
-
-
-def _check_resumable(rng: list[dict], replicas: int, backend_name: str) -> None:
-    """A checkpoint resumes on the backend and replica count that wrote it (its RNG states are theirs)."""
-    written_on = rng_backend(rng[0])
-    if written_on != backend_name:
-        raise ValueError(f"the checkpoint was written on {written_on}, this run is on {backend_name}: its device "
-                         "RNG states do not carry over. Fine-tune from it instead: set "
-                         "model.pretrained_ckpt=PATH and run.resume=never")
-    if len(rng) != replicas:
-        raise ValueError(f"the checkpoint was written by {len(rng)} replicas, this run has {replicas}: resume "
-                         "with the same number of devices, or set run.resume=never")
-
-
-def resume_path(cfg: Config) -> str | None:
-    """run.resume: auto -> output_dir/last.pth when it exists; never -> None; else the given file."""
-    if cfg.run.resume == "never":
-        return None
-    if cfg.run.resume == "auto":
-        path = os.path.join(cfg.run.output_dir, LAST)
-        return path if os.path.exists(path) else None
-    return cfg.run.resume
-
-
-def check_resume(cfg: Config, world_size: int) -> None:
-    """Before spawning: the checkpoint to resume from (if any) was written by `world_size` replicas
-    of the current backend.
-    Reads only the checkpoint's small entries (memory-mapped); raises ValueError otherwise."""
-    path = resume_path(cfg)
-    if path is None:
-        return
-    try:
-        rng = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["rng"]
-    except (OSError, RuntimeError, KeyError, EOFError) as error:
-        raise ValueError(f"{path} is not a readable trainer checkpoint ({error}): point run.resume at "
-                         "one, or set run.resume=never to start over") from None
-    try:
-        _check_resumable(rng, world_size, current().name)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
 
 
 # --- The loop ----------------------------------------------------------------------------------
@@ -325,16 +251,16 @@ def train(cfg: Config) -> dict:
         save_config(cfg, os.path.join(cfg.run.output_dir, CONFIG_FILE))
 
     state = build_state(cfg, device)
-    path = resume_path(cfg)
+    path = checkpoint.resume_path(cfg)
     ckpt = checkpoint.load(path) if path is not None else None
     # A collective: before any RNG state is set.
     steps = [step for (step,) in backend.all_gather_ints([ckpt["step"] if ckpt is not None else 0])]
     if len(set(steps)) > 1:  # e.g. output_dir on each host's local disk: only host 0 sees last.pth
         raise RuntimeError(f"replicas would resume at different steps {sorted(set(steps))}: put "
                            "run.output_dir on storage every host sees (or set run.resume=never)")
-    _seed_replica(cfg, rank)
+    seed_replica(cfg, rank)
     if ckpt is not None:
-        _restore(state, ckpt, device)
+        checkpoint.restore(state, ckpt, device)
     logger = RunLogger(cfg, master, start_step=state.host_step)
     if ckpt is not None:
         logger.info(f"resuming from {path} at step {state.host_step}")
@@ -375,9 +301,9 @@ def train(cfg: Config) -> dict:
         state.best_acc1 = max(state.best_acc1, metrics["val/acc1"])
         all_rng = backend.gather_rng_states()  # a collective: every replica takes part
         if master:  # only the writer copies the model and optimizer state to the host
-            ckpt = _checkpoint(state, cfg, metrics, all_rng)
+            ckpt = checkpoint.from_state(state, cfg, metrics, all_rng)
             flax_params = timm_to_flax(ckpt["model"], cfg.model.heads) if cfg.run.export_flax else None
-            for target in ([BEST, LAST] if improved else [LAST]):
+            for target in ([checkpoint.BEST, checkpoint.LAST] if improved else [checkpoint.LAST]):
                 checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, target))
                 if flax_params is not None:
                     _export_flax(flax_params, cfg, target)

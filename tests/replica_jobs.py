@@ -45,7 +45,7 @@ def updates(rank: int, cfgs: dict, data_path: str, out: str) -> None:
 
     cfg = from_dict(cfgs["noisy"])
     state = train.build_state(cfg, device)
-    train._seed_replica(cfg, rank)  # each replica its own dropout / drop-path masks
+    train.seed_replica(cfg, rank)  # each replica its own dropout / drop-path masks
     micro = [(_shard(data["images"], rank, world_size).to(device),
               _shard(data["targets"], rank, world_size).to(device), torch.tensor([0]).to(device))]
     for _ in range(4):

@@ -308,13 +308,13 @@ def test_wandb_offline_resume_continues_the_stored_run_and_a_fresh_start_gets_a_
 
 def test_resume_setting_picks_the_checkpoint(tmp_path):
     cfg = load(DEMO, [f"run.output_dir={tmp_path}"])
-    assert train.resume_path(cfg) is None  # auto, nothing there yet
+    assert checkpoint.resume_path(cfg) is None  # auto, nothing there yet
     (tmp_path / "last.pth").write_bytes(b"")
-    assert train.resume_path(cfg) == str(tmp_path / "last.pth")
+    assert checkpoint.resume_path(cfg) == str(tmp_path / "last.pth")
     cfg.run.resume = "never"
-    assert train.resume_path(cfg) is None
+    assert checkpoint.resume_path(cfg) is None
     cfg.run.resume = str(tmp_path / "other.pth")
-    assert train.resume_path(cfg) == str(tmp_path / "other.pth")
+    assert checkpoint.resume_path(cfg) == str(tmp_path / "other.pth")
 
 
 @pytest.mark.slow
@@ -363,4 +363,4 @@ def test_an_unreadable_checkpoint_to_resume_is_refused_before_spawning(tmp_path)
     cfg = load(DEMO, [f"run.output_dir={tmp_path}"])
     (tmp_path / "last.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"last.pth is not a readable trainer checkpoint .*run.resume=never"):
-        train.check_resume(cfg, world_size=1)
+        checkpoint.check_resume(cfg, world_size=1)
