@@ -28,7 +28,8 @@ sys.path.insert(0, ROOT)
 
 from kan_vit.config import load, validate  # noqa: E402
 from kan_vit.metrics_log import METRICS_FILE, read_metrics  # noqa: E402
-from kan_vit.train import build_model, train  # noqa: E402
+from kan_vit.model_factory import build_model  # noqa: E402
+from kan_vit.train import train  # noqa: E402
 from common import machine_info  # noqa: E402
 
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")

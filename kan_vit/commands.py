@@ -10,7 +10,6 @@ a problem prints one line and exits with status 2; a diverged run exits with sta
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -21,9 +20,8 @@ from . import backend
 from .checkpoint import check_resume
 from .config import ConfigError, from_dict, launcher_parser, load, to_dict
 from .data import create_valid_loader
-from .pretrained import load_weights
-from .train import (DivergenceError, build_model, evaluate, expected_world_size, launch, load_checked_config,
-                    spawn, train)
+from .model_factory import build_model_with_weights
+from .train import DivergenceError, evaluate, expected_world_size, launch, load_checked_config, spawn, train
 
 TRAIN_DOC = """Train KAN-ViT / DeiT with the original's recipes.
 
@@ -95,17 +93,10 @@ def train_main(argv=None, backend_name: str | None = None, doc: str = TRAIN_DOC)
     return 0
 
 
-def _model(cfg, checkpoint: str):
-    """The configured model with the checkpoint's weights (its head must fit model.labels)."""
-    model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_ckpt=None)))
-    load_weights(model, checkpoint, new_head=False)
-    return model
-
-
 def evaluate_checkpoint(cfg, checkpoint: str) -> None:
     """In every process: its share of the validation set; the first process prints the metrics."""
     b = backend.current()
-    model = _model(cfg, checkpoint).to(b.device)
+    model = build_model_with_weights(cfg, checkpoint, new_head=False).to(b.device)
     loader, _ = create_valid_loader(cfg, world_size=b.world_size, rank=b.rank, local_replicas=b.local_process_count)
     metrics = evaluate(model, b.device_loader(loader), cfg)
     if b.rank == 0:
@@ -125,7 +116,8 @@ def evaluate_main(argv=None) -> int:
     try:
         _use_backend(name, args.config, args.set)
         cfg = load_checked_config(args.config, args.set)
-        _model(cfg, args.checkpoint)  # a checkpoint that does not fit fails here, before spawning
+        # a checkpoint that does not fit fails here, before spawning
+        build_model_with_weights(cfg, args.checkpoint, new_head=False)
     except (ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

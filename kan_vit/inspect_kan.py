@@ -277,14 +277,12 @@ def _with_validation_data(args) -> tuple[dict, InputStatistics]:
     """The configured model with the checkpoint's weights, and its inputs on validation batches."""
     from .config import load, validate
     from .data import check_dataset, create_valid_loader
-    from .pretrained import load_weights
-    from .train import build_model
+    from .model_factory import build_model_with_weights
 
     cfg = load(args.config, args.set)
     validate(cfg, world_size=1)
     check_dataset(cfg)
-    model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained_ckpt=None)))
-    load_weights(model, args.checkpoint)
+    model = build_model_with_weights(cfg, args.checkpoint)
     loader, _ = create_valid_loader(cfg, world_size=1, rank=0)
     stats = collect_statistics(model, loader, args.max_batches)
     return model.state_dict(), stats

@@ -20,7 +20,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -31,8 +30,8 @@ from .config import Config, from_dict, load, save as save_config, to_dict, valid
 from .convert import save_flax, timm_to_flax
 from .data import check_dataset, create_train_loader, create_valid_loader
 from .metrics_log import RunLogger
+from .model_factory import build_model
 from .optim import create_optimizer, lr_at, set_lr
-from .seeding import seeded_host_rngs
 
 _logger = logging.getLogger(__name__)
 
@@ -55,27 +54,6 @@ def load_checked_config(path: str, overrides: list[str]) -> Config:
     validate(cfg, expected_world_size(), current().name)
     check_dataset(cfg)
     return cfg
-
-
-def build_model(cfg: Config) -> torch.nn.Module:
-    """The configured model on the host; parameters from model.init_seed, identical on all replicas."""
-    m = cfg.model
-    with seeded_host_rngs(m.init_seed):
-        model = timm.create_model(
-            "kan_vit_base_patch16_224" if m.use_kan else "deit_jax_base_patch16_224",
-            num_classes=m.labels, img_size=m.image_size, patch_size=m.patch_size, embed_dim=m.dim,
-            depth=m.layers, num_heads=m.heads, use_kan=m.use_kan, polynomial_degree=m.kan_degrees or m.polynomial_degree,
-            kan_input_scale=m.kan_input_scale, kan_base_branch=m.kan_base_branch, mlp_ratio=m.mlp_ratio,
-            posemb=m.posemb, pooling=m.pooling, layerscale=m.layerscale, dropout=m.dropout,
-            drop_path_rate=m.droppath, drop_path_schedule="constant",  # the original's: one rate in every block
-        )
-    if m.pretrained_ckpt:
-        from .pretrained import load_pretrained
-
-        load_pretrained(model, m)
-    if m.grad_ckpt:
-        model.set_grad_checkpointing(True)
-    return model
 
 
 @dataclass

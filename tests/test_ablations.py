@@ -8,7 +8,7 @@ import torch
 
 from kan_vit.config import ConfigError, load, validate
 from kan_vit.optim import param_groups
-from kan_vit.train import build_model
+from kan_vit.model_factory import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from kan_vit.config import load
 from kan_vit.convert import save_flax, timm_to_flax
 from kan_vit.inspect_kan import SATURATION, InputStatistics, kan_layers, main, plot_layer
-from kan_vit.train import build_model
+from kan_vit.model_factory import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")

@@ -159,7 +159,7 @@ def test_drop_path_schedule_rate_of_every_block(schedule, expected):
 
 def test_trainer_builds_the_constant_drop_path_schedule():
     from kan_vit.config import load
-    from kan_vit.train import build_model
+    from kan_vit.model_factory import build_model
 
     cfg = load(None, ["model.labels=5", "model.layers=3", "model.dim=32", "model.heads=2", "model.droppath=0.2",
                       "model.image_size=32", "model.use_kan=true"])

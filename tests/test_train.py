@@ -16,6 +16,7 @@ from kan_vit import checkpoint, train
 from kan_vit.config import load, to_dict
 from kan_vit.data import create_train_loader, create_valid_loader
 from kan_vit.metrics_log import RunLogger, read_metrics
+from kan_vit.model_factory import build_model
 from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
 from kan_vit.optim import lr_at
 
@@ -225,7 +226,7 @@ def test_demo_short_run_learns_and_writes_its_files(tmp_path):
     assert load(str(out / "config.yaml")) == load(DEMO, overrides)
     last = torch.load(out / "last.pth", weights_only=True)  # what timm's loader does
     assert last["step"] == 60 and last["metrics"]["val/acc1"] == evals[-1]["val/acc1"]
-    model = train.build_model(load(str(out / "config.yaml")))
+    model = build_model(load(str(out / "config.yaml")))
     model.load_state_dict(last["model"])
     best = checkpoint.load(str(out / "best.pth"))
     assert best["best_acc1"] == max(r["val/acc1"] for r in evals)
