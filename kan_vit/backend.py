@@ -21,18 +21,6 @@ import torch
 XLA, ACCELERATE = "xla", "accelerate"
 
 
-class LazyStart:
-    """Re-iterable wrapper whose iterator starts lazily: MpDeviceLoader's thread creates the
-    iterator outside its try/finally, so an error there (e.g. a worker that cannot start) would
-    leave the training loop waiting forever instead of ending the stream."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        yield from self.loader
-
-
 class XlaBackend:
     name = XLA
 
@@ -142,6 +130,8 @@ class XlaBackend:
     def device_loader(self, loader):
         """uint8 batches moved to the device by a background thread, ahead of the step."""
         import torch_xla.distributed.parallel_loader as pl
+
+        from .data import LazyStart
 
         return pl.MpDeviceLoader(LazyStart(loader), self.device)
 
@@ -253,7 +243,9 @@ class AccelerateBackend:
         return counters["stats"]["unique_graphs"]
 
     def device_loader(self, loader):
-        return _DeviceLoader(loader, self.device)
+        from .data import DeviceLoader
+
+        return DeviceLoader(loader, self.device)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum")
@@ -280,18 +272,6 @@ class AccelerateBackend:
         torch.set_rng_state(state["torch"])
         if self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
-
-
-class _DeviceLoader:
-    """Re-iterable: each batch's tensors moved to the device. Not accelerator.prepare(loader): the
-    data pipeline already shards by rank (as on TPU), and accelerate would shard it again."""
-
-    def __init__(self, loader, device: torch.device):
-        self.loader, self.device = loader, device
-
-    def __iter__(self):
-        for batch in self.loader:
-            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
 
 
 def rng_backend(state: dict) -> str:

@@ -12,6 +12,8 @@ where corrupt samples fell) but not its augmentation.
 
 Bad data is never fatal: an undecodable image, a sample without `jpg`/`cls`, or a truncated tar
 member is dropped and counted in each batch's `num_skipped`.
+
+`LazyStart` and `DeviceLoader` wrap a loader for the device, in each backend's `device_loader`.
 """
 from __future__ import annotations
 
@@ -393,3 +395,27 @@ def create_valid_loader(cfg, *, world_size: int, rank: int, local_replicas: int 
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                         generator=_own_generator())
     return loader, sum(sizes[u] for part in parts[rank] for u in part)
+
+
+class LazyStart:
+    """Re-iterable wrapper whose iterator starts lazily: MpDeviceLoader's thread creates the
+    iterator outside its try/finally, so an error there (e.g. a worker that cannot start) would
+    leave the training loop waiting forever instead of ending the stream."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        yield from self.loader
+
+
+class DeviceLoader:
+    """Re-iterable: each batch's tensors moved to the device. Not accelerator.prepare(loader): the
+    data pipeline already shards by rank (as on TPU), and accelerate would shard it again."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
