@@ -20,7 +20,7 @@ from pathlib import Path
 import timm
 
 from kan_vit import flax_msgpack
-from kan_vit.convert import timm_to_flax
+from kan_vit.flax_layout import timm_to_flax
 
 # /proc (Linux): ru_maxrss would include the parent's RSS at fork time.
 CHILD = """

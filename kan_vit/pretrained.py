@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import read_torch_checkpoint
-from .convert import flax_to_timm
+from .flax_layout import flax_to_timm
 from .flax_msgpack import load as load_msgpack
 from .vision_transformer import checkpoint_filter_fn
 

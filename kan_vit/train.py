@@ -27,8 +27,9 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from . import checkpoint, kan_health
 from .backend import XlaBackend, current
 from .config import Config, from_dict, load, save as save_config, to_dict, validate
-from .convert import save_flax, timm_to_flax
+from .convert import export_flax
 from .data import check_dataset, create_train_loader, create_valid_loader
+from .flax_layout import timm_to_flax
 from .metrics_log import RunLogger
 from .model_factory import build_model
 from .optim import create_optimizer, lr_at, set_lr
@@ -284,16 +285,10 @@ def train(cfg: Config) -> dict:
             for target in ([checkpoint.BEST, checkpoint.LAST] if improved else [checkpoint.LAST]):
                 checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, target))
                 if flax_params is not None:
-                    _export_flax(flax_params, cfg, target)
+                    export_flax(flax_params, cfg, target)
         backend.set_rng_state(all_rng[rank])  # continue from exactly the state a resumed run restores
     logger.close()
     return metrics
-
-
-def _export_flax(flax_params: dict, cfg: Config, target: str) -> None:
-    """The checkpoint's weights in the original's format: {run.name}-best/last.msgpack."""
-    kind = os.path.splitext(target)[0]
-    save_flax(flax_params, os.path.join(cfg.run.output_dir, f"{cfg.run.name or 'kan_vit'}-{kind}.msgpack"))
 
 
 def _diverged_message(step: int, cfg: Config) -> str:

@@ -16,7 +16,8 @@ import timm
 import torch
 
 from kan_vit import flax_msgpack
-from kan_vit.convert import flax_to_timm, main, timm_to_flax
+from kan_vit.convert import main
+from kan_vit.flax_layout import flax_to_timm, timm_to_flax
 from numpy_reference import forward as reference_forward
 from numpy_reference import random_params
 
@@ -239,13 +240,13 @@ def test_timm_vit_folds_class_position_embedding(tmp_path, capsys):
 
 
 def test_timm_semantics_checks():
-    from kan_vit.convert import ConvertError, _check_timm_semantics
+    from kan_vit.flax_layout import ConvertError, check_timm_semantics
 
     small = dict(img_size=IMAGE_SIZE, patch_size=4, embed_dim=16, depth=1, num_heads=2)
     with pytest.warns(UserWarning, match="tanh-approximated GELU"):
-        _check_timm_semantics(timm.create_model("vit_tiny_patch16_224", **small), "vit_tiny_patch16_224")
+        check_timm_semantics(timm.create_model("vit_tiny_patch16_224", **small), "vit_tiny_patch16_224")
     with pytest.raises(ConvertError, match="pooling"):
-        _check_timm_semantics(timm.create_model("vit_tiny_patch16_224", global_pool="avg", **small), "x")
+        check_timm_semantics(timm.create_model("vit_tiny_patch16_224", global_pool="avg", **small), "x")
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, capsys):
 
 
 def test_timm_to_flax_rejects_other_layouts():
-    from kan_vit.convert import ConvertError
+    from kan_vit.flax_layout import ConvertError
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=4, embed_dim=16,
                               depth=1, num_heads=2, reg_tokens=1)

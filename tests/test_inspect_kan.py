@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from kan_vit.config import load
-from kan_vit.convert import save_flax, timm_to_flax
+from kan_vit.convert import save_flax
+from kan_vit.flax_layout import timm_to_flax
 from kan_vit.inspect_kan import SATURATION, InputStatistics, kan_layers, main, plot_layer
 from kan_vit.model_factory import build_model
 

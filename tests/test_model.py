@@ -11,7 +11,7 @@ import torch
 
 import kan_vit  # noqa: F401  (registers the models)
 from kan_vit import KanVisionTransformer
-from kan_vit.convert import flax_to_timm
+from kan_vit.flax_layout import flax_to_timm
 from numpy_reference import forward as reference_forward
 from numpy_reference import random_params
 
@@ -276,7 +276,7 @@ HUB_SCRIPT = """
 import sys, timm, torch, kan_vit
 from huggingface_hub.errors import LocalEntryNotFoundError
 from kan_vit import flax_msgpack
-from kan_vit.convert import flax_to_timm
+from kan_vit.flax_layout import flax_to_timm
 
 try:  # an empty cache: the hub download is really attempted, and refused offline
     timm.create_model("deit_jax_tiny_patch16_224.in1k", pretrained=True, cache_dir=sys.argv[2])
