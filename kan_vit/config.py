@@ -13,18 +13,29 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import Literal, Optional
 
 import yaml
 
 from .atomic_files import atomic_outputs
+from .backend import ACCELERATE, XLA
+
+# The values a key may take, declared once: `validate` checks every Literal-typed key against
+# its values, and other modules derive their checks and messages from the same types.
+DataFormat = Literal["webdataset", "imagefolder", "demo_digits"]
+RandomCrop = Literal["none", "rrc", "src"]
+Criterion = Literal["ce", "bce"]
+Posemb = Literal["learnable", "sincos2d"]
+Pooling = Literal["cls", "gap"]
+OptimizerName = Literal["adamw", "lamb"]
+WandbMode = Literal["disabled", "offline", "online"]
 
 
 @dataclass
 class DataConfig:
     # "webdataset" (tar shards, keys jpg/cls; local paths, brace patterns, URLs),
     # "imagefolder" (torchvision ImageFolder dirs) or "demo_digits" (embedded demo). New.
-    format: str = "webdataset"
+    format: DataFormat = "webdataset"
     train_dataset_shards: Optional[str] = None
     valid_dataset_shards: Optional[str] = None
     train_batch_size: int = 2048  # global, over all replicas and grad_accum micro-batches
@@ -39,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    random_crop: str = "rrc"  # none | rrc | src
+    random_crop: RandomCrop = "rrc"
     color_jitter: float = 0.0
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # None / "none" disables
     random_erasing: float = 0.25
@@ -48,7 +59,7 @@ class AugmentConfig:
     mixup: float = 0.8
     cutmix: float = 1.0
     mixup_seed: int = 0
-    criterion: str = "ce"  # ce | bce
+    criterion: Criterion = "ce"
     label_smoothing: float = 0.1
 
 
@@ -70,8 +81,8 @@ class ModelConfig:
     layerscale: bool = False
     patch_size: int = 16
     image_size: int = 224
-    posemb: str = "learnable"  # learnable | sincos2d
-    pooling: str = "cls"  # cls | gap
+    posemb: Posemb = "learnable"
+    pooling: Pooling = "cls"
     dropout: float = 0.0
     droppath: float = 0.1
     grad_ckpt: bool = False
@@ -83,7 +94,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"  # adamw | lamb
+    optimizer: OptimizerName = "adamw"
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     adam_b1: float = 0.9
@@ -108,7 +119,7 @@ class RunConfig:
     project: Optional[str] = None
     name: Optional[str] = None
     output_dir: str = "."
-    wandb: str = "disabled"  # new: disabled | offline | online
+    wandb: WandbMode = "disabled"  # new
     resume: str = "auto"  # new: auto (continue from output_dir/last.pth if present) | never | PATH
     bf16: bool = False  # new: bfloat16 autocast of forward + loss (XLA, CUDA or CPU device)
     compile: bool = False  # new, accelerate only: torch.compile the model (XLA compiles every step anyway)
@@ -131,15 +142,6 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 # Loading, overrides, validation, saving. Everything is checked here, before any process spawns.
 
-CHOICES = {
-    "data.format": ("webdataset", "imagefolder", "demo_digits"),
-    "augment.random_crop": ("none", "rrc", "src"),
-    "augment.criterion": ("ce", "bce"),
-    "model.posemb": ("learnable", "sincos2d"),
-    "model.pooling": ("cls", "gap"),
-    "optim.optimizer": ("adamw", "lamb"),
-    "run.wandb": ("disabled", "offline", "online"),
-}
 # Shipped recipes carry this prefix where only the user knows the value (their dataset paths).
 PLACEHOLDER = "SET-ME"
 
@@ -152,6 +154,13 @@ def _section_classes() -> dict[str, type]:
     return {f.name: type(f.default_factory()) for f in fields(Config)}
 
 
+def choices() -> dict[str, tuple]:
+    """{"section.key": its allowed values} for every key declared with a Literal type."""
+    return {f"{section}.{name}": typing.get_args(hint)
+            for section, cls in _section_classes().items()
+            for name, hint in typing.get_type_hints(cls).items() if typing.get_origin(hint) is Literal}
+
+
 def _closest(name: str, candidates, prefix: str = "") -> str:
     match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.0)
     return f"; did you mean {prefix}{match[0]}?" if match else ""
@@ -161,6 +170,8 @@ def _coerce(key: str, value, annotation):
     """`value` as the field's declared type (int -> float allowed); ConfigError otherwise."""
     optional = typing.get_origin(annotation) is typing.Union and type(None) in typing.get_args(annotation)
     base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
+    if typing.get_origin(base) is Literal:  # the type of its values; `validate` checks the values
+        base = type(typing.get_args(base)[0])
     if value is None:
         if optional:
             return None
@@ -243,13 +254,13 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config, world_size: int, backend: str = "xla") -> None:
+def validate(cfg: Config, world_size: int, backend: str = XLA) -> None:
     """Value and combination checks for a training run on `world_size` replicas of `backend`
     (xla | accelerate)."""
-    for key, choices in CHOICES.items():
+    for key, values in choices().items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        _check(value in choices, f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        _check(value in values, f"{key} must be one of {', '.join(values)}; got {value!r}")
     d, a, m, o, s, r = cfg.data, cfg.augment, cfg.model, cfg.optim, cfg.schedule, cfg.run
     positive = {
         "data.train_batch_size": d.train_batch_size, "data.valid_batch_size": d.valid_batch_size,
@@ -302,10 +313,10 @@ def validate(cfg: Config, world_size: int, backend: str = "xla") -> None:
     for key in ("pretrained_ckpt", "label_mapping"):
         value = getattr(m, key)
         _check(value is None or os.path.isfile(value), f"model.{key} {value!r} is not a file")
-    _check(backend == "xla" or not r.compile_cache_dir,
+    _check(backend == XLA or not r.compile_cache_dir,
            "run.compile_cache_dir is the XLA compile cache: remove it when training with accelerate "
            "(launch/train_gpu.py); run.compile=true compiles there")
-    _check(backend == "accelerate" or not r.compile,
+    _check(backend == ACCELERATE or not r.compile,
            "run.compile is torch.compile under accelerate (launch/train_gpu.py); torch_xla compiles every "
            "step graph already: remove it (run.compile_cache_dir keeps XLA's compilations across runs)")
     _check(r.resume in ("auto", "never") or os.path.isfile(r.resume),

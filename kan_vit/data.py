@@ -25,6 +25,7 @@ import random
 import tarfile
 import warnings
 from functools import partial
+from typing import get_args
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from torchvision.datasets import ImageFolder
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from .config import DataFormat
 from .demo_digits import prepare_demo_digits
 from .seeding import derive_seed, seeded_host_rngs
 from .transforms import train_transform, valid_transform
@@ -67,8 +69,8 @@ def check_dataset(cfg) -> None:
             raise ValueError(f"data.cache_dir={cfg.data.cache_dir!r}: cannot write the demo shards ({exn}):"
                              " give a writable directory") from exn
         return
-    if fmt not in ("webdataset", "imagefolder"):
-        raise ValueError(f"data.format={fmt!r}: use one of webdataset, imagefolder, demo_digits")
+    if fmt not in get_args(DataFormat):
+        raise ValueError(f"data.format={fmt!r}: use one of {', '.join(get_args(DataFormat))}")
     for split in ("train", "valid"):
         key, source = f"data.{split}_dataset_shards", getattr(cfg.data, f"{split}_dataset_shards")
         if not source:

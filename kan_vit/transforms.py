@@ -4,11 +4,15 @@ Normalisation happens on the device, as in the original, so every transform here
 """
 from __future__ import annotations
 
+from typing import get_args
+
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, auto_augment
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode, v2
+
+from .config import RandomCrop
 
 # The original's fill colour for geometric ops: int() truncates, (123, 116, 103).
 AUGMENT_FILL = tuple(int(255 * m) for m in IMAGENET_DEFAULT_MEAN)
@@ -50,7 +54,7 @@ def train_transform(cfg) -> T.Compose:
     elif aug.random_crop == "none":
         ops = [T.Resize(size, interpolation=bicubic), T.CenterCrop(size)]
     else:
-        raise ValueError(f"augment.random_crop={aug.random_crop!r}: use one of rrc, src, none")
+        raise ValueError(f"augment.random_crop={aug.random_crop!r}: use one of {', '.join(get_args(RandomCrop))}")
     ops.append(T.RandomHorizontalFlip())
     if aug.auto_augment and aug.auto_augment != "none":
         ops.append(_auto_augment(aug.auto_augment, size))
