@@ -119,7 +119,7 @@ class InputStatistics:
 
 def collect_statistics(model: torch.nn.Module, batches, max_batches: int) -> InputStatistics:
     """Run up to `max_batches` validation batches (uint8 images) through `model` on the CPU."""
-    from .train import _normalize
+    from .train import normalize
 
     stats = InputStatistics(model)
     model.eval()
@@ -127,7 +127,7 @@ def collect_statistics(model: torch.nn.Module, batches, max_batches: int) -> Inp
         for index, (images, _, _) in enumerate(batches):
             if index == max_batches:
                 break
-            model(_normalize(images))
+            model(normalize(images))
     return stats
 
 

@@ -5,7 +5,7 @@ between the two runtimes is a `kan_vit.backend` method (`backend.current()`).
 Reads like PyTorch/XLA's ImageNet reference script: `train` builds everything, then runs a linear
 loop of `train_step` and, every eval_interval updates and at the end, `evaluate` + checkpoints.
 
-XLA rules, all kept in `train_step` / `evaluate` / `_normalize` (harmless under accelerate, where
+XLA rules, all kept in `train_step` / `evaluate` / `normalize` (harmless under accelerate, where
 `backend.sync` is a no-op and step closures run at once):
 - uint8 images travel to the device (MpDeviceLoader) and are normalised there;
 - every scalar that changes between updates (step, lr, interval sums, the first non-finite step)
@@ -100,7 +100,7 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1).to(device))
 
 
-def _normalize(images: torch.Tensor) -> torch.Tensor:
+def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW -> float32 (x / 255 - mean) / std, on the device (the host only sends bytes)."""
     mean, std = _mean_std(images.device)
     return (images.float() / 255.0 - mean) / std
@@ -134,7 +134,7 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
     for i, (images, targets, num_skipped) in enumerate(micro_batches):
         with backend.micro_batch(model, last=i == len(micro_batches) - 1):
             with backend.autocast(cfg.run.bf16):
-                logits = model(_normalize(images))
+                logits = model(normalize(images))
                 micro_loss = _per_sample_loss(logits, targets, cfg.augment.criterion).mean()
             (micro_loss / o.grad_accum).backward()  # the update uses the mean of the micro-batch gradients
         loss, skipped = loss + micro_loss.detach() / o.grad_accum, skipped + num_skipped.sum()
@@ -195,7 +195,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
     sums = None
     for images, labels, num_skipped in loader:
         with backend.autocast(cfg.run.bf16):
-            logits = model(_normalize(images))
+            logits = model(normalize(images))
         valid = labels >= 0
         target = labels.clamp(min=0)
         one_hot = F.one_hot(target, cfg.model.labels).float()

@@ -27,7 +27,9 @@ def _posterize(img, bits_to_keep, **kwargs):
     return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
-def _auto_augment(policy: str, size: int):
+def augment_policy(policy: str, size: int):
+    """timm's transform for an augment.auto_augment policy (rand-*, augmix-*, or an AutoAugment
+    name) with the original's fill colour and AugMix translation, and posterize to 0 bits kept."""
     hparams = dict(translate_const=int(0.45 * size), img_mean=AUGMENT_FILL)
     if policy.startswith("rand"):
         transform = rand_augment_transform(policy, hparams)
@@ -57,7 +59,7 @@ def train_transform(cfg) -> T.Compose:
         raise ValueError(f"augment.random_crop={aug.random_crop!r}: use one of {', '.join(get_args(RandomCrop))}")
     ops.append(T.RandomHorizontalFlip())
     if aug.auto_augment and aug.auto_augment != "none":
-        ops.append(_auto_augment(aug.auto_augment, size))
+        ops.append(augment_policy(aug.auto_augment, size))
     if aug.color_jitter > 0:
         ops.append(T.ColorJitter(aug.color_jitter, aug.color_jitter, aug.color_jitter))
     if aug.random_erasing > 0:

@@ -4,9 +4,9 @@ accelerate processes (started by torchrun).
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=N python tests/replica_jobs.py JOB CONFIG_JSON DATA_PT OUT_DIR
     torchrun --standalone --nproc_per_node=N tests/replica_jobs.py JOB CONFIG_JSON DATA_PT OUT_DIR accelerate
 
-Every replica writes what it saw to OUT_DIR/{name}_{rank}.pt; tests/test_replicas.py and
-tests/test_accelerate.py compare those files with one replica's results. Nothing here averages
-or reduces in Python: the trainer's collectives do.
+Every replica writes what it saw to OUT_DIR/{name}_{rank}.pt; tests/test_backend.py compares
+those files with one replica's results. Nothing here averages or reduces in Python: the
+trainer's collectives do.
 """
 import hashlib
 import json

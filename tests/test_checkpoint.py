@@ -1,10 +1,15 @@
-"""Atomic checkpoint writes: a failure at any point of a write leaves the previous file intact."""
+"""Checkpoint files: atomic writes (a failure at any point of a write leaves the previous file
+intact), weights_only-loadable contents, and which checkpoint a run resumes from."""
 import os
 
 import pytest
 import torch
 
 from kan_vit import checkpoint
+from kan_vit.config import load
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")
 
 
 def _ckpt(value: float) -> dict:
@@ -53,29 +58,19 @@ def test_to_cpu_copies_nested_tensors():
     assert not out["a"][0].requires_grad
 
 
-def test_interrupted_metrics_truncation_keeps_the_log(tmp_path, monkeypatch):
-    """Resuming rewrites metrics.jsonl without the records after the checkpoint; a crash while
-    rewriting must not lose the records before it."""
-    import json
+def test_resume_setting_picks_the_checkpoint(tmp_path):
+    cfg = load(DEMO, [f"run.output_dir={tmp_path}"])
+    assert checkpoint.resume_path(cfg) is None  # auto, nothing there yet
+    (tmp_path / "last.pth").write_bytes(b"")
+    assert checkpoint.resume_path(cfg) == str(tmp_path / "last.pth")
+    cfg.run.resume = "never"
+    assert checkpoint.resume_path(cfg) is None
+    cfg.run.resume = str(tmp_path / "other.pth")
+    assert checkpoint.resume_path(cfg) == str(tmp_path / "other.pth")
 
-    from kan_vit import metrics_log
 
-    path = tmp_path / metrics_log.METRICS_FILE
-    original = "".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (10, 20, 30))
-    path.write_text(original)
-    written = []
-
-    def dumps_then_crash(record):
-        if written:
-            raise OSError("disk full")
-        written.append(record)
-        return json.dumps(record)
-
-    monkeypatch.setattr(metrics_log.json, "dumps", dumps_then_crash)
-    with pytest.raises(OSError, match="disk full"):
-        metrics_log._truncate_after(str(path), 20)
-    monkeypatch.undo()
-    assert path.read_text() == original
-    assert sorted(os.listdir(tmp_path)) == [metrics_log.METRICS_FILE]
-    metrics_log._truncate_after(str(path), 20)
-    assert [r["step"] for r in metrics_log.read_metrics(str(path))] == [10, 20]
+def test_an_unreadable_checkpoint_to_resume_is_refused_before_spawning(tmp_path):
+    cfg = load(DEMO, [f"run.output_dir={tmp_path}"])
+    (tmp_path / "last.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"last.pth is not a readable trainer checkpoint .*run.resume=never"):
+        checkpoint.check_resume(cfg, world_size=1)

@@ -1,11 +1,11 @@
-"""Flax <-> PyTorch checkpoint conversion.
+"""kan-vit-convert: Flax <-> PyTorch checkpoint files in both directions, timm names and folders,
+bad input and failed writes.
 
 Fixtures are written by the real `flax.serialization`; converted models are checked against the
 independent NumPy forward pass (tests/numpy_reference.py) in float64.
 """
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 import timm
 import torch
+from flax import serialization
 
 from kan_vit import flax_msgpack
 from kan_vit.convert import main
-from kan_vit.flax_layout import flax_to_timm, timm_to_flax
 from numpy_reference import forward as reference_forward
 from numpy_reference import random_params
-
-serialization = pytest.importorskip("flax.serialization")
 
 SMALL = dict(layers=2, dim=16, heads=2, patch=4, grid=3)
 IMAGE_SIZE = 12  # grid 3 x patch 4
@@ -60,66 +58,6 @@ def _write_flax(path, params):
 
 def _images(n=3):
     return np.random.default_rng(7).standard_normal((n, 3, IMAGE_SIZE, IMAGE_SIZE))
-
-
-# --- the msgpack format ----------------------------------------------------------------------
-
-def _mixed_tree():
-    rng = np.random.default_rng(0)
-    return {
-        "model": {
-            "b": rng.standard_normal((3, 4, 5)).astype(np.float32),
-            "a": {"kernel": rng.standard_normal((7, 300)).astype(np.float32), "x": np.arange(5)},
-            "scalar": np.float32(2.5),
-            "zero_d": np.zeros((), np.float64),
-        },
-        "step": 12,
-        "lr": 1e-3,
-        "name": "run",
-        "flag": True,
-        "none": None,
-    }
-
-
-@pytest.mark.parametrize("chunk", [None, 256])
-def test_writer_bytes_equal_flax(chunk, monkeypatch):
-    tree = _mixed_tree()
-    if chunk:
-        monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", chunk)  # (7, 300) f32 is chunked
-    buf = io.BytesIO()
-    flax_msgpack.dump(tree, buf, **({"max_chunk_size": chunk} if chunk else {}))
-    flax_bytes = serialization.msgpack_serialize(tree)
-    assert (b"__msgpack_chunked_array__" in flax_bytes) == bool(chunk)
-    assert buf.getvalue() == flax_bytes
-    restored = serialization.msgpack_restore(buf.getvalue())
-    assert np.array_equal(restored["model"]["a"]["kernel"], tree["model"]["a"]["kernel"])
-    assert restored["model"]["scalar"] == np.float32(2.5)
-
-
-@pytest.mark.parametrize("chunk", [None, 100])
-def test_reader_matches_flax_restore(chunk, monkeypatch):
-    tree = _mixed_tree()
-    if chunk:
-        monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", chunk)
-    data = serialization.msgpack_serialize(tree)
-    ours, theirs = flax_msgpack.restore(data), serialization.msgpack_restore(data)
-    assert ours.keys() == theirs.keys()
-    assert {k: ours[k] for k in ("step", "lr", "name", "flag", "none")} == \
-        {k: theirs[k] for k in ("step", "lr", "name", "flag", "none")}
-    for key in ("b", "scalar", "zero_d"):
-        assert type(ours["model"][key]) is type(theirs["model"][key])
-        assert ours["model"][key].dtype == theirs["model"][key].dtype
-        assert np.array_equal(ours["model"][key], theirs["model"][key])
-    for key in ("kernel", "x"):
-        assert ours["model"]["a"][key].dtype == theirs["model"]["a"][key].dtype
-        assert ours["model"]["a"][key].shape == theirs["model"]["a"][key].shape
-        assert np.array_equal(ours["model"]["a"][key], theirs["model"]["a"][key])
-
-
-@pytest.mark.parametrize("data", [b"hello world", b"", b"\x81\xa1a\xc7\x03\x01abc"])
-def test_reader_rejects_non_msgpack(data):
-    with pytest.raises(flax_msgpack.FlaxMsgpackError):
-        flax_msgpack.restore(data)
 
 
 # --- conversion against the NumPy reference ----------------------------------------------------
@@ -172,16 +110,6 @@ def test_foreign_config_json_is_not_overwritten(tmp_path, capsys):
     assert "config.json exists and is not a timm config" in capsys.readouterr().err
     assert (tmp_path / "config.json").read_text() == '{"lr": 0.1}'
     assert not (tmp_path / "model.safetensors").exists()
-
-
-def test_named_sizes_get_registered_names():
-    params = random_params(seed=0, layers=1, dim=192, heads=3, patch=16, grid=14, labels=1000, degree=8)
-    _, name, model_args = flax_to_timm(params)
-    assert (name, model_args) == ("kan_vit_tiny_patch16_224", {"depth": 1})
-    params = random_params(seed=0, layers=1, dim=384, heads=6, patch=16, grid=2, labels=10, degree=None)
-    _, name, model_args = flax_to_timm(params)
-    assert name == "deit_jax_small_patch16_224"
-    assert model_args == {"depth": 1, "img_size": 32, "num_classes": 10}
 
 
 def test_exclude_head(tmp_path):
@@ -237,16 +165,6 @@ def test_timm_vit_folds_class_position_embedding(tmp_path, capsys):
     assert (tmp_path / "cfg.msgpack").read_bytes() == out.read_bytes()
     expected = model(torch.from_numpy(_images())).detach().numpy()
     assert np.abs(reference_forward(params, _images()) - expected).max() <= 1e-6
-
-
-def test_timm_semantics_checks():
-    from kan_vit.flax_layout import ConvertError, check_timm_semantics
-
-    small = dict(img_size=IMAGE_SIZE, patch_size=4, embed_dim=16, depth=1, num_heads=2)
-    with pytest.warns(UserWarning, match="tanh-approximated GELU"):
-        check_timm_semantics(timm.create_model("vit_tiny_patch16_224", **small), "vit_tiny_patch16_224")
-    with pytest.raises(ConvertError, match="pooling"):
-        check_timm_semantics(timm.create_model("vit_tiny_patch16_224", global_pool="avg", **small), "x")
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -321,19 +239,6 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, capsys):
     assert main([str(src), str(tmp_path / "out.pth")]) != 0
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.msgpack"]
-
-
-def test_timm_to_flax_rejects_other_layouts():
-    from kan_vit.flax_layout import ConvertError
-
-    model = timm.create_model("vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=4, embed_dim=16,
-                              depth=1, num_heads=2, reg_tokens=1)
-    with pytest.raises(ConvertError, match="pos_embed has 11 positions"):
-        timm_to_flax(model.state_dict(), num_heads=2)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=4, embed_dim=16,
-                              depth=1, num_heads=2, reg_tokens=1, no_embed_class=True)
-    with pytest.raises(ConvertError, match="unexpected keys \\['reg_token'\\]"):
-        timm_to_flax(model.state_dict(), num_heads=2)
 
 
 def test_converter_does_not_import_jax(tmp_path):

@@ -1,6 +1,7 @@
 """Optimization (docs/original.md, "Training") against closed forms written out here in NumPy / math,
 and the XLA step: no recompiles or CPU fallbacks when the lr changes."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -9,8 +10,12 @@ import torch
 from torch import nn
 
 import kan_vit  # noqa: F401  (registers the models)
-from kan_vit.config import OptimConfig
+from kan_vit.config import OptimConfig, load
+from kan_vit.model_factory import build_model
 from kan_vit.optim import GroupStepAdamW, create_optimizer, lr_at, param_groups, set_lr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")
 
 
 def toy_vit(**kwargs):
@@ -263,7 +268,7 @@ def _train(device, name, steps, on_step=None):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw", "lamb"])
 def test_xla_lr_changes_add_no_compilation_or_fallback(name):
-    torch_xla = pytest.importorskip("torch_xla")
+    import torch_xla
     import torch_xla.debug.metrics as met
 
     def on_step(i):
@@ -345,3 +350,18 @@ def test_xla_adamw_continues_a_torch_adamw_state_and_matches_its_updates():
     # here; restarting the count at 0 would be off by ~1e-2
     for (name, got), want in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
+
+
+def _model(*overrides):
+    return build_model(load(DEMO, list(overrides) + ["model.layers=2"]))
+
+
+def test_kan_weight_decay_adds_exactly_the_coefficients_to_the_decayed_params():
+    model = _model()
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def decayed(**kwargs):
+        return {names[id(p)] for g in param_groups(model, 0.05, 1.0, **kwargs) if g["weight_decay"] > 0
+                for p in g["params"]}
+
+    assert decayed(kan_weight_decay=True) - decayed() == {"blocks.0.mlp.kan.coefficients", "blocks.1.mlp.kan.coefficients"}
