@@ -18,10 +18,10 @@ import yaml
 
 from . import backend
 from .checkpoint import check_resume
-from .config import ConfigError, from_dict, launcher_parser, load, to_dict
-from .data import create_valid_loader
+from .config import Config, ConfigError, from_dict, launcher_parser, load, to_dict, validate
+from .data import check_dataset, create_valid_loader
 from .model_factory import build_model_with_weights
-from .train import DivergenceError, evaluate, expected_world_size, launch, load_checked_config, spawn, train
+from .train import DivergenceError, evaluate, launch, train
 
 TRAIN_DOC = """Train KAN-ViT / DeiT with the original's recipes.
 
@@ -62,6 +62,15 @@ def _parser(doc: str, config_help: str, backend_name: str | None):
     return parser
 
 
+def load_checked_config(path: str, overrides: list[str]) -> Config:
+    """The launchers' config: loaded, `--set` applied, values, combinations (for the current
+    backend) and datasets checked, all before any process is spawned (raises ConfigError / ValueError)."""
+    cfg = load(path, overrides)
+    validate(cfg, backend.current().expected_world_size(), backend.current().name)
+    check_dataset(cfg)
+    return cfg
+
+
 def _use_backend(name: str, config: str, overrides: list[str]) -> None:
     if name == backend.ACCELERATE:  # the accelerator's precision and compilation come from the config
         run = load(config, overrides).run
@@ -75,7 +84,7 @@ def train_main(argv=None, backend_name: str | None = None, doc: str = TRAIN_DOC)
     try:
         _use_backend(name, args.config, args.set)
         cfg = load_checked_config(args.config, args.set)
-        check_resume(cfg, expected_world_size())
+        check_resume(cfg, backend.current().expected_world_size())
     except (ConfigError, ValueError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
@@ -124,5 +133,5 @@ def evaluate_main(argv=None) -> int:
     if name == backend.ACCELERATE:
         evaluate_checkpoint(cfg, args.checkpoint)
     else:
-        spawn(_evaluate_replica, (to_dict(cfg), args.checkpoint))
+        backend.current().spawn(_evaluate_replica, (to_dict(cfg), args.checkpoint))
     return 0

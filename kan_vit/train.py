@@ -26,9 +26,9 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import checkpoint, kan_health
 from .backend import XlaBackend, current
-from .config import Config, from_dict, load, save as save_config, to_dict, validate
+from .config import Config, from_dict, save as save_config, to_dict
 from .convert import export_flax
-from .data import check_dataset, create_train_loader, create_valid_loader
+from .data import create_train_loader, create_valid_loader
 from .flax_layout import timm_to_flax
 from .metrics_log import RunLogger
 from .model_factory import build_model
@@ -41,20 +41,6 @@ CONFIG_FILE = "config.yaml"
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN/inf."""
-
-
-def expected_world_size() -> int:
-    """The number of processes (replicas) the current backend will run, known before they start."""
-    return current().expected_world_size()
-
-
-def load_checked_config(path: str, overrides: list[str]) -> Config:
-    """The launchers' config: loaded, `--set` applied, values, combinations (for the current
-    backend) and datasets checked, all before any process is spawned (raises ConfigError / ValueError)."""
-    cfg = load(path, overrides)
-    validate(cfg, expected_world_size(), current().name)
-    check_dataset(cfg)
-    return cfg
 
 
 @dataclass
@@ -304,11 +290,6 @@ def _mp_fn(index: int, cfg_dict: dict) -> None:
     train(cfg)
 
 
-def spawn(fn, args: tuple) -> None:
-    """fn(index, *args) in every XLA replica of this host (see XlaBackend.spawn)."""
-    current().spawn(fn, args)
-
-
 def launch(cfg: Config) -> None:
     """Train on every XLA device of this host; the config travels as a plain dict."""
-    spawn(_mp_fn, (to_dict(cfg),))
+    current().spawn(_mp_fn, (to_dict(cfg),))

@@ -1,4 +1,4 @@
-"""Jobs that run inside real replicas: XLA ones (xmp.spawn through `kan_vit.train.spawn`) or
+"""Jobs that run inside real replicas: XLA ones (xmp.spawn through `XlaBackend.spawn`) or
 accelerate processes (started by torchrun).
 
     PJRT_DEVICE=CPU CPU_NUM_DEVICES=N python tests/replica_jobs.py JOB CONFIG_JSON DATA_PT OUT_DIR
@@ -76,4 +76,4 @@ if __name__ == "__main__":
         backend.use(backend.AccelerateBackend())
         fn(backend.current().rank, cfgs, data_path, out)
     else:
-        train.spawn(fn, (cfgs, data_path, out))
+        backend.current().spawn(fn, (cfgs, data_path, out))
