@@ -12,6 +12,7 @@ Writes OUT/ablation.md (mean ± std over seeds of the final val acc1 and of the 
 loss) and OUT/ablation.png; each run's own directory keeps its metrics.jsonl (see kan-vit-plot).
 A run whose result.json exists is not repeated, so an interrupted grid continues where it stopped.
 """
+
 import argparse
 import json
 import os
@@ -26,11 +27,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import machine_info  # noqa: E402
+
 from kan_vit.config import load, validate  # noqa: E402
 from kan_vit.metrics_log import METRICS_FILE, read_metrics  # noqa: E402
 from kan_vit.model_factory import build_model  # noqa: E402
 from kan_vit.train import train  # noqa: E402
-from common import machine_info  # noqa: E402
 
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")
 DEMO_DEGREE = 4  # configs/demo_digits.yaml
@@ -62,10 +64,20 @@ def run_one(overrides: list[str], steps: int, seed: int, out_dir: str) -> dict:
     if os.path.exists(result_path):
         with open(result_path) as file:
             return json.load(file)
-    cfg = load(DEMO, overrides + [
-        f"schedule.training_steps={steps}", f"schedule.warmup_steps={max(1, steps // 12)}", "schedule.eval_interval=0", f"model.init_seed={seed}",
-        f"model.dropout_seed={seed}", f"data.shuffle_seed={seed}", f"run.output_dir={out_dir}",
-        "run.resume=never"])
+    cfg = load(
+        DEMO,
+        overrides
+        + [
+            f"schedule.training_steps={steps}",
+            f"schedule.warmup_steps={max(1, steps // 12)}",
+            "schedule.eval_interval=0",
+            f"model.init_seed={seed}",
+            f"model.dropout_seed={seed}",
+            f"data.shuffle_seed={seed}",
+            f"run.output_dir={out_dir}",
+            "run.resume=never",
+        ],
+    )
     validate(cfg, world_size=1)
     metrics = train(cfg)
     losses = [r["train/loss"] for r in read_metrics(os.path.join(out_dir, METRICS_FILE)) if "train/loss" in r]
@@ -94,18 +106,27 @@ def main() -> None:
     results = {}
     for name, overrides in configurations(dim).items():
         slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-        results[name] = [run_one(overrides, args.steps, seed, os.path.join(args.out, slug, f"seed{seed}"))
-                         for seed in range(args.seeds)]
+        results[name] = [
+            run_one(overrides, args.steps, seed, os.path.join(args.out, slug, f"seed{seed}"))
+            for seed in range(args.seeds)
+        ]
 
     kan_params = results["KAN K=4 (demo)"][0]["params"]
     mlp_params = results["MLP, params = KAN K=4"][0]["params"]
     assert abs(mlp_params - kan_params) <= 0.01 * kan_params, (mlp_params, kan_params)
-    lines = [f"{machine_info()}", "",
-             f"digits demo, {args.steps} updates per run, {args.seeds} seeds, mean ± std over seeds", "",
-             "| configuration | params | val acc1 | final train loss |", "|---|---:|---:|---:|"]
+    lines = [
+        f"{machine_info()}",
+        "",
+        f"digits demo, {args.steps} updates per run, {args.seeds} seeds, mean ± std over seeds",
+        "",
+        "| configuration | params | val acc1 | final train loss |",
+        "|---|---:|---:|---:|",
+    ]
     for name, runs in results.items():
-        lines.append(f"| {name} | {runs[0]['params']:,} | {mean_std([r['val_acc1'] for r in runs])} | "
-                     f"{mean_std([r['train_loss'] for r in runs])} |")
+        lines.append(
+            f"| {name} | {runs[0]['params']:,} | {mean_std([r['val_acc1'] for r in runs])} | "
+            f"{mean_std([r['train_loss'] for r in runs])} |"
+        )
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "ablation.md"), "w") as file:
         file.write(table)
@@ -116,8 +137,14 @@ def main() -> None:
     for i, name in enumerate(names):
         accs = [r["val_acc1"] for r in results[name]]
         ax.scatter([i] * len(accs), accs, color="tab:gray", s=12, zorder=3)
-        ax.errorbar(i, statistics.mean(accs), yerr=statistics.stdev(accs) if len(accs) > 1 else 0,
-                    fmt="o", color="tab:blue", capsize=4)
+        ax.errorbar(
+            i,
+            statistics.mean(accs),
+            yerr=statistics.stdev(accs) if len(accs) > 1 else 0,
+            fmt="o",
+            color="tab:blue",
+            capsize=4,
+        )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("val acc1 (360 images)")
     ax.set_title(f"digits demo, {args.steps} updates, {args.seeds} seeds (dots), mean ± std")

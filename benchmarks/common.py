@@ -1,4 +1,5 @@
 """Shared benchmark helpers: machine info, median wall time, bytes saved for backward."""
+
 import os
 import platform
 import statistics

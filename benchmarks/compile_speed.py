@@ -9,17 +9,18 @@ copies run round-robin in one process; "compile s" is the first compiled call (t
 generation) minus an eager call. "Saved" counts what autograd keeps for backward in one forward
 (a compiled graph saves through one autograd node, so the hooks see it too).
 """
+
 import argparse
 import time
 from functools import partial
 
 import torch
+from common import machine_info, median_ms, saved_activation_bytes
 from timm.layers import Mlp
 from torch import nn
-
-from common import machine_info, median_ms, saved_activation_bytes
-from kan_vit.chebykan import ChebyKAN
 from train_step import make_step
+
+from kan_vit.chebykan import ChebyKAN
 
 
 def first_call_s(fn) -> float:
@@ -40,6 +41,7 @@ def feed_forward_cases(tokens: int, dim: int):
     cases = {}
     for name, layer in layers.items():
         for mode, forward in (("eager", layer), ("compiled", torch.compile(layer))):
+
             def step(forward=forward, layer=layer):
                 x.grad = None
                 layer.zero_grad(set_to_none=True)
@@ -62,12 +64,15 @@ def report(title: str, cases: dict, reps: int, unit: str, scale: float):
     eager_first = {name: first_call_s(step) for (name, mode), (_, step, _) in cases.items() if mode == "eager"}
     compile_s = {
         name: first_call_s(step) - eager_first[name]
-        for (name, mode), (_, step, _) in cases.items() if mode == "compiled"
+        for (name, mode), (_, step, _) in cases.items()
+        if mode == "compiled"
     }
     times = median_ms({key: step for key, (_, step, _) in cases.items()}, reps, warmup=2)
     print(f"\n{title}\n")
-    print(f"| {'workload':<28} | eager ms | compiled ms | compiled speed-up | compile s | "
-          f"saved for backward, eager / compiled ({unit}) |")
+    print(
+        f"| {'workload':<28} | eager ms | compiled ms | compiled speed-up | compile s | "
+        f"saved for backward, eager / compiled ({unit}) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for name in eager_first:
         saved = [
@@ -75,8 +80,10 @@ def report(title: str, cases: dict, reps: int, unit: str, scale: float):
             for mode in ("eager", "compiled")
         ]
         eager, compiled = times[name, "eager"], times[name, "compiled"]
-        print(f"| {name:<28} | {eager:.0f} | {compiled:.0f} | {eager / compiled:.2f}x | "
-              f"{compile_s[name]:.0f} | {saved[0]:.1f} / {saved[1]:.1f} |")
+        print(
+            f"| {name:<28} | {eager:.0f} | {compiled:.0f} | {eager / compiled:.2f}x | "
+            f"{compile_s[name]:.0f} | {saved[0]:.1f} / {saved[1]:.1f} |"
+        )
 
 
 def main():
@@ -88,10 +95,20 @@ def main():
     args = parser.parse_args()
     print(machine_info())
     print(f"float32; median of {args.reps} reps after 2 warm-up, eager and compiled round-robin")
-    report(f"Feed-forward, {args.tokens} tokens x D={args.dim}, forward + backward",
-           feed_forward_cases(args.tokens, args.dim), args.reps, "floats/token", 4 * args.tokens)
-    report(f"Train step, batch {args.batch}, 224 px, forward + backward + AdamW",
-           train_step_cases(args.batch), args.reps, "MiB", 2**20)
+    report(
+        f"Feed-forward, {args.tokens} tokens x D={args.dim}, forward + backward",
+        feed_forward_cases(args.tokens, args.dim),
+        args.reps,
+        "floats/token",
+        4 * args.tokens,
+    )
+    report(
+        f"Train step, batch {args.batch}, 224 px, forward + backward + AdamW",
+        train_step_cases(args.batch),
+        args.reps,
+        "MiB",
+        2**20,
+    )
 
 
 if __name__ == "__main__":

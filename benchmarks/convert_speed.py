@@ -7,6 +7,7 @@ processes (.msgpack -> .safetensors -> .msgpack, and .msgpack -> .pth). Each chi
 wall time of `main()` (the process time adds interpreter, torch and timm start-up) and its peak
 RSS (VmHWM) above its RSS after the imports (VmRSS), so torch and timm themselves are not counted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,11 @@ def main() -> None:
         print(f"{args.model}: {src.name} is {size / 2**20:.1f} MiB")
         columns = ("main() s", "process s", "peak extra MiB", "x file size")
         print(f"{'direction':<34}" + "".join(f"{c:>16}" for c in columns))
-        for a, b in [("model.msgpack", "model.safetensors"), ("model.safetensors", "back.msgpack"),
-                     ("model.msgpack", "model.pth")]:
+        for a, b in [
+            ("model.msgpack", "model.safetensors"),
+            ("model.safetensors", "back.msgpack"),
+            ("model.msgpack", "model.pth"),
+        ]:
             r = convert(work / a, work / b)
             extra = r["extra_kib"] * 1024
             values = (r["seconds"], r["process"], extra / 2**20, extra / size)

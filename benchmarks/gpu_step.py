@@ -9,6 +9,7 @@ under bf16 autocast (run.bf16), backward, AdamW. images/s is the batch over the 
 (the device synchronised around each step); peak memory is torch.cuda.max_memory_allocated over
 the timed steps, parameters and AdamW state included (not measured on CPU).
 """
+
 import argparse
 import statistics
 import time
@@ -16,9 +17,9 @@ import time
 import timm
 import torch
 import torch.nn.functional as F
+from common import machine_info
 
 import kan_vit  # noqa: F401  registers the KAN-ViT / DeiT-JAX models with timm
-from common import machine_info
 
 MODELS = ("kan_vit_small_patch16_224", "deit_jax_small_patch16_224", "vit_small_patch16_224")
 
@@ -77,15 +78,19 @@ def main():
     print(machine_info())
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
-    print(f"batch {args.batch}, {args.image_size} px, {'bf16 autocast' if args.bf16 else 'float32'}, "
-          f"median of {args.steps} steps after {args.warmup}\n")
+    print(
+        f"batch {args.batch}, {args.image_size} px, {'bf16 autocast' if args.bf16 else 'float32'}, "
+        f"median of {args.steps} steps after {args.warmup}\n"
+    )
     print("| model | run.compile | images/s | peak memory GiB | warm-up s |")
     print("|---|---|---|---|---|")
     for name in args.models:
         for compiled in (False, True):
             r = measure(name, compiled, args, device)
-            print(f"| {name} | {str(compiled).lower()} | {r['img/s']:.1f} | {r['peak GiB']:.2f} | {r['warm-up s']:.1f} |",
-                  flush=True)
+            print(
+                f"| {name} | {str(compiled).lower()} | {r['img/s']:.1f} | {r['peak GiB']:.2f} | {r['warm-up s']:.1f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -4,14 +4,15 @@
 
 ViT-S/16 shapes by default (batch 8 x 197 tokens, D = 384, degree 8), float32 eager on CPU.
 """
+
 import argparse
 from functools import partial
 
 import torch
+from common import machine_info, median_ms, saved_activation_bytes
 from timm.layers import Mlp
 from torch import nn
 
-from common import machine_info, median_ms, saved_activation_bytes
 from kan_vit.chebykan import ChebyKAN
 
 
@@ -48,7 +49,7 @@ def main():
     print("|---|---:|---:|---:|---:|")
     for name, layer in layers.items():
         params = list(layer.parameters())
-        saved = saved_activation_bytes(lambda: layer(x), exclude=params)
+        saved = saved_activation_bytes(lambda layer=layer: layer(x), exclude=params)
         floats = saved / 4 / n
         print(
             f"| {name} | {sum(p.numel() for p in params):,} | {times[name]:.1f} | "

@@ -8,6 +8,7 @@ update is the trainer's `train_step` on a fixed batch, followed by xm.wait_devic
 time covers execution, not only tracing; every update is a log step (log_interval 1), the worst
 case for the closure.
 """
+
 import argparse
 import os
 import sys
@@ -19,9 +20,10 @@ import torch_xla.core.xla_model as xm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import machine_info, median_ms  # noqa: E402
+
 from kan_vit import train  # noqa: E402
 from kan_vit.config import load  # noqa: E402
-from common import machine_info, median_ms  # noqa: E402
 
 SETUPS = {
     "demo (4 x dim 96, K=4, batch 64, 32 px)": ("demo_digits.yaml", []),
@@ -30,8 +32,10 @@ SETUPS = {
 
 
 def make_update(config: str, overrides: list[str], health: bool):
-    cfg = load(os.path.join(ROOT, "configs", config),
-               overrides + [f"run.kan_health={str(health).lower()}", "schedule.log_interval=1"])
+    cfg = load(
+        os.path.join(ROOT, "configs", config),
+        overrides + [f"run.kan_health={str(health).lower()}", "schedule.log_interval=1"],
+    )
     device = torch_xla.device()
     state = train.build_state(cfg, device)
     batch, size, labels = cfg.data.train_batch_size, cfg.model.image_size, cfg.model.labels
@@ -60,8 +64,10 @@ def main():
         if config == "kan_s16.yaml" and not args.s16:
             continue
         times = median_ms({health: make_update(config, overrides, health) for health in (False, True)}, args.reps)
-        print(f"| {name} | {times[False]:.1f} | {times[True]:.1f} | {100 * (times[True] / times[False] - 1):+.1f}% |",
-              flush=True)
+        print(
+            f"| {name} | {times[False]:.1f} | {times[True]:.1f} | {100 * (times[True] / times[False] - 1):+.1f}% |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

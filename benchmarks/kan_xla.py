@@ -7,18 +7,19 @@ lazy graph; op count = HLO instructions in its text, compile time from torch_xla
 bf16: forward under autocast('xla') and autocast('cpu'), relative L2 error of the output and
 of the input gradient against the float32 result (the basis is computed in float32 either way).
 """
+
 import argparse
-from functools import partial
 import os
+from functools import partial
 
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 
 import torch  # noqa: E402
 import torch_xla  # noqa: E402
 import torch_xla.debug.metrics as met  # noqa: E402
+from common import machine_info  # noqa: E402
 from timm.models.vision_transformer import Block  # noqa: E402
 
-from common import machine_info  # noqa: E402
 from kan_vit.chebykan import ChebyKAN  # noqa: E402
 from kan_vit.vision_transformer import ChebyKANFeedForward  # noqa: E402
 

@@ -1,7 +1,8 @@
 """Print the README's model table: every registered KAN-ViT / DeiT-JAX model, its size and FFN.
 
-    python benchmarks/model_table.py
+python benchmarks/model_table.py
 """
+
 import timm
 import torch
 

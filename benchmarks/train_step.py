@@ -10,14 +10,15 @@ arenas made it vary by ~800 MiB between the two identical MLP models):
 sum of allocations minus frees over the step (activations, gradients, temporaries) plus the
 tensors alive across steps (parameters and AdamW's two moments, 3 x 4 bytes per parameter).
 """
+
 import argparse
 from functools import partial
 
 import timm
 import torch
+from common import machine_info, median_ms, saved_activation_bytes
 
 import kan_vit  # noqa: F401  (registers the models)
-from common import machine_info, median_ms, saved_activation_bytes
 
 MODELS = ["vit_small_patch16_224", "kan_vit_small_patch16_224", "deit_jax_small_patch16_224"]
 
@@ -61,8 +62,10 @@ def main():
     built = {name: make_step(name, args.batch) for name in MODELS}
     times = median_ms({name: step for name, (_, _, step, _) in built.items()}, args.reps, warmup=2)
     print(machine_info())
-    print(f"train step: batch {args.batch}, 224 px, fwd+bwd+AdamW, eager float32, "
-          f"median of {args.reps} reps after 2 warm-up\n")
+    print(
+        f"train step: batch {args.batch}, 224 px, fwd+bwd+AdamW, eager float32, "
+        f"median of {args.reps} reps after 2 warm-up\n"
+    )
     print("| model | params | step ms | vs vit_small | saved for backward (MiB) | peak step memory (MiB) |")
     print("|---|---:|---:|---:|---:|---:|")
     base = times[MODELS[0]]
@@ -70,8 +73,10 @@ def main():
         params = list(model.parameters())
         saved = saved_activation_bytes(partial(model, images), exclude=params) / 2**20
         peak = peak_step_mib(step, params)
-        print(f"| `{name}` | {sum(p.numel() for p in params):,} | {times[name]:.0f} | "
-              f"{times[name] / base:.2f}x | {saved:.0f} | {peak:.0f} |")
+        print(
+            f"| `{name}` | {sum(p.numel() for p in params):,} | {times[name]:.0f} | "
+            f"{times[name] / base:.2f}x | {saved:.0f} | {peak:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ HLO: instruction counts of the steady step graph before XLA's optimisation passe
 or JAX hands to XLA) and after (what the CPU runs); each setup is compiled once more in a child
 process with XLA_FLAGS=--xla_dump_to, since dumping slows compilation.
 """
+
 import argparse
 import contextlib
 import glob
@@ -54,9 +55,14 @@ WARMUP_UPDATES = 2
 def load_config(model: str, precision: str, batch: int):
     from kan_vit.config import load
 
-    return load(os.path.join(ROOT, "configs", MODELS[model]), [
-        f"data.train_batch_size={batch}", "schedule.log_interval=1000000",
-        f"run.bf16={str(precision == 'bf16').lower()}"])
+    return load(
+        os.path.join(ROOT, "configs", MODELS[model]),
+        [
+            f"data.train_batch_size={batch}",
+            "schedule.log_interval=1000000",
+            f"run.bf16={str(precision == 'bf16').lower()}",
+        ],
+    )
 
 
 def fixed_batch(cfg):
@@ -84,8 +90,11 @@ def torch_xla_update(cfg, undo: tuple = ()):
         state.optimizer = torch.optim.AdamW(state.optimizer.param_groups, capturable=True)
     images, labels = fixed_batch(cfg)
     targets = torch.nn.functional.one_hot(torch.from_numpy(labels), cfg.model.labels).float()
-    micro_batch = (torch.from_numpy(images).to(device), targets.to(device),
-                   torch.zeros(1, dtype=torch.int64, device=device))
+    micro_batch = (
+        torch.from_numpy(images).to(device),
+        targets.to(device),
+        torch.zeros(1, dtype=torch.int64, device=device),
+    )
 
     def update():
         train.train_step(state, [micro_batch], cfg)
@@ -177,8 +186,10 @@ def hlo_counts(dump_dir: str, original: bool) -> dict:
     if not before:
         raise RuntimeError(f"no HLO dump of the step in {dump_dir}")
     counts = {}
-    for stage, path in (("before", before[-1]),
-                        ("after", before[-1].replace("before_optimizations", "cpu_after_optimizations"))):
+    for stage, path in (
+        ("before", before[-1]),
+        ("after", before[-1].replace("before_optimizations", "cpu_after_optimizations")),
+    ):
         with open(path) as f:
             counts[stage] = sum(1 for line in f if " = " in line and not line.lstrip().startswith(("//", "HloModule")))
     return counts
@@ -187,8 +198,9 @@ def hlo_counts(dump_dir: str, original: bool) -> dict:
 def hlo_child(model: str, precision: str, batch: int, original: str | None) -> dict:
     """Runs the warm-up updates of one setup in a child process that dumps XLA's HLO."""
     with tempfile.TemporaryDirectory() as dump_dir:
-        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} "
-                                         "--xla_dump_hlo_as_text")
+        env = dict(
+            os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+        )
         cmd = [sys.executable, __file__, "--hlo-child", model, precision, "--batch", str(batch)]
         if original:
             cmd += ["--original", original]
@@ -197,14 +209,18 @@ def hlo_child(model: str, precision: str, batch: int, original: str | None) -> d
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--original", help="the src folder of a KAN-ViT (original JAX) checkout")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
-    parser.add_argument("--changes", action="store_true",
-                        help="also time fp32 with the explicit attention and GroupStepAdamW reverted (what each bought)")
+    parser.add_argument(
+        "--changes",
+        action="store_true",
+        help="also time fp32 with the explicit attention and GroupStepAdamW reverted (what each bought)",
+    )
     parser.add_argument("--no-hlo", action="store_true", help="skip the HLO counts (two compilations less per setup)")
     parser.add_argument("--hlo-child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -231,8 +247,11 @@ def main():
     updates, warmup = {}, {}
     for model, precision in setups:
         cfg = load_config(model, "fp32" if precision == "original" else precision.split()[0], args.batch)
-        updates[model, precision] = (original_update(cfg, args.original) if precision == "original"
-                                     else torch_xla_update(cfg, UNDO.get(precision[5:], ())))
+        updates[model, precision] = (
+            original_update(cfg, args.original)
+            if precision == "original"
+            else torch_xla_update(cfg, UNDO.get(precision[5:], ()))
+        )
         count, seconds = compile_stats()
         start = time.perf_counter()
         for _ in range(WARMUP_UPDATES):
@@ -249,16 +268,28 @@ def main():
             times[setup].append(time.perf_counter() - start)
     compiles_during_timing = compile_stats()[0] - count_before_timing
     load_average = os.getloadavg()
-    hlo = {} if args.no_hlo else {setup: hlo_child(*setup, args.batch, args.original) for setup in setups
-                                  if setup[1] in PRECISIONS or setup[1] == "original"}
+    hlo = (
+        {}
+        if args.no_hlo
+        else {
+            setup: hlo_child(*setup, args.batch, args.original)
+            for setup in setups
+            if setup[1] in PRECISIONS or setup[1] == "original"
+        }
+    )
 
     print(machine_info())
-    print(f"load average (1, 5, 15 min) after timing: {load_average[0]:.2f}, {load_average[1]:.2f}, "
-          f"{load_average[2]:.2f}")
-    print(f"batch {args.batch}, {args.reps} round-robin reps after {WARMUP_UPDATES} warm-up updates; torch_xla "
-          f"compilations during timing: {compiles_during_timing}\n")
-    print("| model | step | median s | min s | vs original (median) | warm-up s | graphs compiled (s) "
-          "| HLO instr. before / after opt |")
+    print(
+        f"load average (1, 5, 15 min) after timing: {load_average[0]:.2f}, {load_average[1]:.2f}, {load_average[2]:.2f}"
+    )
+    print(
+        f"batch {args.batch}, {args.reps} round-robin reps after {WARMUP_UPDATES} warm-up updates; torch_xla "
+        f"compilations during timing: {compiles_during_timing}\n"
+    )
+    print(
+        "| model | step | median s | min s | vs original (median) | warm-up s | graphs compiled (s) "
+        "| HLO instr. before / after opt |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for model, precision in setups:
         median = statistics.median(times[model, precision])
@@ -269,8 +300,10 @@ def main():
         counts = hlo.get((model, precision))
         sizes = f"{counts['before']:,} / {counts['after']:,}" if counts else "-"
         step = "original (JAX, fp32)" if precision == "original" else f"torch_xla {precision}"
-        print(f"| {model} | {step} | {median:.3f} | {min(times[model, precision]):.3f} | {ratio} | {wall:.1f} "
-              f"| {compiled} | {sizes} |")
+        print(
+            f"| {model} | {step} | {median:.3f} | {min(times[model, precision]):.3f} | {ratio} | {wall:.1f} "
+            f"| {compiled} | {sizes} |"
+        )
     if args.original:
         overhead = kernel_overhead(max(args.reps, 10))
         print("\nper-kernel cost: p = 0.9 p + 0.1 g over 22M floats, median ms\n")

@@ -2,6 +2,7 @@
 
 Importing the package registers the models with timm (`timm.list_models("kan_vit*")`).
 """
+
 from .chebykan import ChebyKAN, cheby_kan, cheby_kan_reference
 from .vision_transformer import ChebyKANFeedForward, KanVisionTransformer, sincos2d_position_embedding
 

@@ -3,6 +3,7 @@
 Everything the project writes (checkpoints, configs, converted weights, metrics, reports) goes
 through `atomic_outputs`, so a crash or a full disk never leaves a half-written file behind.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ def atomic_outputs(*paths: str):
     try:
         for path in paths:
             try:
-                fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                           dir=os.path.dirname(path))
+                fd, tmp = tempfile.mkstemp(
+                    prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path)
+                )
             except OSError as error:
                 raise OSError(error.errno, f"cannot write {path}: {error.strerror}") from None
             os.close(fd)

@@ -11,6 +11,7 @@ runtime, so a GPU user needs no torch_xla and a TPU user no accelerate.
     AccelerateBackend   one process per GPU (or CPU process) started by `accelerate launch` or
                         torchrun; DDP (accelerator.prepare) averages gradients during backward.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -186,8 +187,11 @@ class AccelerateBackend:
         from accelerate.utils import DistributedType
 
         # cpu=True without CUDA: accelerate makes CPU processes a process group (gloo) only when told so
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if bf16 else "no",
-                                       dynamo_backend="inductor" if compile else "no")
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision="bf16" if bf16 else "no",
+            dynamo_backend="inductor" if compile else "no",
+        )
         if self.accelerator.distributed_type == DistributedType.XLA:
             raise RuntimeError("accelerate was imported before USE_TORCH_XLA=0 was set: import kan_vit.backend first")
 

@@ -15,6 +15,7 @@ Two formulations compute the same function:
 `ChebyKAN` uses `cheby_kan` eagerly, on XLA and under torch.compile / torch.export (both trace
 it), and the reference when scripted: TorchScript cannot compile an autograd Function.
 """
+
 from __future__ import annotations
 
 import torch
@@ -98,8 +99,8 @@ def _gemm_weight(coefficients: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     One small GEMM (inner size K+1) that also does the layout change (in, out, K+1) -> (K+1, in, out):
     BLAS reads the coefficients through a transposed view instead of a strided gather.
     """
-    d_in, d_out, k1 = coefficients.shape
-    flat = coefficients.to(mix.dtype).reshape(d_in * d_out, k1)
+    d_in, d_out, num_terms = coefficients.shape
+    flat = coefficients.to(mix.dtype).reshape(d_in * d_out, num_terms)
     return torch.mm(mix.t(), flat.t()).view(-1, d_out)
 
 
@@ -108,9 +109,9 @@ class _ChebyKANFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, coefficients, compute_dtype):
-        d_in, d_out, k1 = coefficients.shape
-        basis = _chebyshev_basis(_tanh(x.reshape(-1, d_in)), k1 - 1).to(compute_dtype)
-        signed, _ = _weight_maps(k1 - 1, compute_dtype, x.device)
+        d_in, d_out, num_terms = coefficients.shape
+        basis = _chebyshev_basis(_tanh(x.reshape(-1, d_in)), num_terms - 1).to(compute_dtype)
+        signed, _ = _weight_maps(num_terms - 1, compute_dtype, x.device)
         weight = _gemm_weight(coefficients, signed)
         # T_0 = 1 term: sum_i C[i, :, 0], accumulated in float32 at least (XLA sums bf16 in bf16)
         const = weight[:d_in].sum(0, dtype=torch.promote_types(compute_dtype, torch.float32))
@@ -122,21 +123,21 @@ class _ChebyKANFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, coefficients = ctx.saved_tensors
-        d_in, d_out, k1 = coefficients.shape
-        degree = k1 - 1
-        cd = ctx.compute_dtype
-        grad_y = grad_y.reshape(-1, d_out).to(cd)
-        signed, scaled = _weight_maps(degree, cd, x.device)
+        d_in, d_out, num_terms = coefficients.shape
+        degree = num_terms - 1
+        compute_dtype = ctx.compute_dtype
+        grad_y = grad_y.reshape(-1, d_out).to(compute_dtype)
+        signed, scaled = _weight_maps(degree, compute_dtype, x.device)
         need_x, need_c = ctx.needs_input_grad[:2]
         t = _tanh(x.reshape(-1, d_in))
         grad_x = grad_c = basis = None
 
         if need_c:
-            basis = _chebyshev_basis(t, degree).to(cd)
+            basis = _chebyshev_basis(t, degree).to(compute_dtype)
             grad_w = torch.mm(basis.t(), grad_y)  # block k-1: sigma_k dL/dC[:, :, k]
             # back to (in, out, K+1) by one small GEMM; column k = 0 is the T_0 = 1 term
-            grad_c = torch.mm(grad_w.view(degree, d_in * d_out).t(), signed[1:]).view(d_in, d_out, k1)
-            grad_c[:, :, 0] = grad_y.sum(0, dtype=torch.promote_types(cd, torch.float32))
+            grad_c = torch.mm(grad_w.view(degree, d_in * d_out).t(), signed[1:]).view(d_in, d_out, num_terms)
+            grad_c[:, :, 0] = grad_y.sum(0, dtype=torch.promote_types(compute_dtype, torch.float32))
             grad_c = grad_c.to(coefficients.dtype)
 
         if need_x:
@@ -200,16 +201,13 @@ class ChebyKAN(nn.Module):
         super().__init__()
         if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
             raise ValueError(
-                f"ChebyKAN degree must be an integer >= 1 (got {degree!r}); "
-                "degree 0 would make the layer a constant"
+                f"ChebyKAN degree must be an integer >= 1 (got {degree!r}); degree 0 would make the layer a constant"
             )
         self.in_features = in_features
         self.out_features = out_features
         self.degree = degree
         self.memory_efficient = memory_efficient
-        self.coefficients = nn.Parameter(
-            torch.empty(in_features, out_features, degree + 1, device=device, dtype=dtype)
-        )
+        self.coefficients = nn.Parameter(torch.empty(in_features, out_features, degree + 1, device=device, dtype=dtype))
         self.input_scale = nn.Parameter(torch.empty(in_features, device=device, dtype=dtype)) if input_scale else None
         self.reset_parameters()
 
@@ -224,9 +222,7 @@ class ChebyKAN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"ChebyKAN expects inputs with last dim {self.in_features}, got shape {list(x.shape)}"
-            )
+            raise ValueError(f"ChebyKAN expects inputs with last dim {self.in_features}, got shape {list(x.shape)}")
         x = self.tanh_input(x)
         if self.memory_efficient and not torch.jit.is_scripting():
             return cheby_kan(x, self.coefficients)

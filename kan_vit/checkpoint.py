@@ -8,6 +8,7 @@ The device RNG (dropout, drop-path) is the only RNG the training loop draws from
 randomness (augmentation, mixup) is seeded from the data position, so the per-replica device RNG
 states a checkpoint holds make resume exact.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,6 +79,7 @@ def read_torch_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
 
 # --- The trainer's checkpoints ------------------------------------------------------------------
 
+
 def from_state(state: TrainState, cfg: Config, metrics: dict, rng: list) -> dict:
     """A weights_only-loadable checkpoint, the same on every backend; `rng` holds every replica's
     device RNG state ({"xla": seed} or {"torch": state[, "cuda": state]})."""
@@ -112,12 +114,16 @@ def _check_resumable(rng: list[dict], replicas: int, backend_name: str) -> None:
     """A checkpoint resumes on the backend and replica count that wrote it (its RNG states are theirs)."""
     written_on = rng_backend(rng[0])
     if written_on != backend_name:
-        raise ValueError(f"the checkpoint was written on {written_on}, this run is on {backend_name}: its device "
-                         "RNG states do not carry over. Fine-tune from it instead: set "
-                         "model.pretrained_ckpt=PATH and run.resume=never")
+        raise ValueError(
+            f"the checkpoint was written on {written_on}, this run is on {backend_name}: its device "
+            "RNG states do not carry over. Fine-tune from it instead: set "
+            "model.pretrained_ckpt=PATH and run.resume=never"
+        )
     if len(rng) != replicas:
-        raise ValueError(f"the checkpoint was written by {len(rng)} replicas, this run has {replicas}: resume "
-                         "with the same number of devices, or set run.resume=never")
+        raise ValueError(
+            f"the checkpoint was written by {len(rng)} replicas, this run has {replicas}: resume "
+            "with the same number of devices, or set run.resume=never"
+        )
 
 
 def resume_path(cfg: Config) -> str | None:
@@ -140,8 +146,10 @@ def check_resume(cfg: Config, world_size: int) -> None:
     try:
         rng = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["rng"]
     except (OSError, RuntimeError, KeyError, EOFError) as error:
-        raise ValueError(f"{path} is not a readable trainer checkpoint ({error}): point run.resume at "
-                         "one, or set run.resume=never to start over") from None
+        raise ValueError(
+            f"{path} is not a readable trainer checkpoint ({error}): point run.resume at "
+            "one, or set run.resume=never to start over"
+        ) from None
     try:
         _check_resumable(rng, world_size, current().name)
     except ValueError as error:

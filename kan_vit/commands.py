@@ -8,6 +8,7 @@ GPU is present or when torch_xla is not installed, else torch_xla. The whole con
 values, combinations, datasets, the checkpoint to resume) is checked before any process starts;
 a problem prints one line and exits with status 2; a diverged run exits with status 3.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,9 @@ def _use_backend(name: str, config: str, overrides: list[str]) -> None:
 
 def train_main(argv=None, backend_name: str | None = None, doc: str = TRAIN_DOC) -> int:
     """`kan-vit-train`; launchers pass `backend_name` to fix the backend."""
-    args = _parser(doc, "YAML config (sections data, augment, model, optim, schedule, run)", backend_name).parse_args(argv)
+    args = _parser(doc, "YAML config (sections data, augment, model, optim, schedule, run)", backend_name).parse_args(
+        argv
+    )
     name = backend_name or (detect_backend() if args.backend == "auto" else args.backend)
     try:
         _use_backend(name, args.config, args.set)

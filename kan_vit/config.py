@@ -3,6 +3,7 @@
 Defaults are the original CLI's defaults (the original's src/main.py, see docs/original.md); keys marked "new" had no
 original flag. Seeds live with what they seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,20 +14,19 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 
 from .atomic_files import atomic_outputs
 from .backend import ACCELERATE, XLA
+from .vision_transformer import Pooling, Posemb
 
 # The values a key may take, declared once: `validate` checks every Literal-typed key against
 # its values, and other modules derive their checks and messages from the same types.
 DataFormat = Literal["webdataset", "imagefolder", "demo_digits"]
 RandomCrop = Literal["none", "rrc", "src"]
 Criterion = Literal["ce", "bce"]
-Posemb = Literal["learnable", "sincos2d"]
-Pooling = Literal["cls", "gap"]
 OptimizerName = Literal["adamw", "lamb"]
 WandbMode = Literal["disabled", "offline", "online"]
 
@@ -36,8 +36,8 @@ class DataConfig:
     # "webdataset" (tar shards, keys jpg/cls; local paths, brace patterns, URLs),
     # "imagefolder" (torchvision ImageFolder dirs) or "demo_digits" (embedded demo). New.
     format: DataFormat = "webdataset"
-    train_dataset_shards: Optional[str] = None
-    valid_dataset_shards: Optional[str] = None
+    train_dataset_shards: str | None = None
+    valid_dataset_shards: str | None = None
     train_batch_size: int = 2048  # global, over all replicas and grad_accum micro-batches
     valid_batch_size: int = 256  # global
     # Per host, as the original (one process per host): each of the host's replicas (one process
@@ -45,14 +45,14 @@ class DataConfig:
     train_loader_workers: int = 40
     valid_loader_workers: int = 5
     shuffle_seed: int = 0
-    cache_dir: Optional[str] = None  # new: where the demo shards are written (default ~/.cache/kan_vit)
+    cache_dir: str | None = None  # new: where the demo shards are written (default ~/.cache/kan_vit)
 
 
 @dataclass
 class AugmentConfig:
     random_crop: RandomCrop = "rrc"
     color_jitter: float = 0.0
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # None / "none" disables
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # None / "none" disables
     random_erasing: float = 0.25
     augment_repeats: int = 3
     test_crop_ratio: float = 0.875
@@ -70,14 +70,14 @@ class ModelConfig:
     # Ablations, new; the defaults are the original's model. kan_degrees: one degree per block
     # (replaces polynomial_degree); kan_input_scale: learned per-channel scale before tanh;
     # kan_base_branch: + W_b SiLU(x) beside each KAN layer; mlp_ratio: MLP hidden width / dim.
-    kan_degrees: Optional[list] = None
+    kan_degrees: list | None = None
     kan_input_scale: bool = False
     kan_base_branch: bool = False
     mlp_ratio: float = 4.0
     layers: int = 12
     dim: int = 768
     heads: int = 12
-    labels: Optional[int] = None  # None: no head (features only)
+    labels: int | None = None  # None: no head (features only)
     layerscale: bool = False
     patch_size: int = 16
     image_size: int = 224
@@ -88,8 +88,8 @@ class ModelConfig:
     grad_ckpt: bool = False
     init_seed: int = 0
     dropout_seed: int = 0
-    pretrained_ckpt: Optional[str] = None
-    label_mapping: Optional[str] = None
+    pretrained_ckpt: str | None = None
+    label_mapping: str | None = None
 
 
 @dataclass
@@ -116,15 +116,15 @@ class ScheduleConfig:
 
 @dataclass
 class RunConfig:
-    project: Optional[str] = None
-    name: Optional[str] = None
+    project: str | None = None
+    name: str | None = None
     output_dir: str = "."
     wandb: WandbMode = "disabled"  # new
     resume: str = "auto"  # new: auto (continue from output_dir/last.pth if present) | never | PATH
     bf16: bool = False  # new: bfloat16 autocast of forward + loss (XLA, CUDA or CPU device)
     compile: bool = False  # new, accelerate only: torch.compile the model (XLA compiles every step anyway)
     export_flax: bool = False  # new: also write {name}-last/best.msgpack in the original's format
-    compile_cache_dir: Optional[str] = None  # new: persistent XLA compile cache (one subdir per process)
+    compile_cache_dir: str | None = None  # new: persistent XLA compile cache (one subdir per process)
     # new: log KAN input saturation, coefficient norm by degree and the gradient norm (kan_vit.kan_health)
     kan_health: bool = False
 
@@ -156,9 +156,12 @@ def _section_classes() -> dict[str, type]:
 
 def choices() -> dict[str, tuple]:
     """{"section.key": its allowed values} for every key declared with a Literal type."""
-    return {f"{section}.{name}": typing.get_args(hint)
-            for section, cls in _section_classes().items()
-            for name, hint in typing.get_type_hints(cls).items() if typing.get_origin(hint) is Literal}
+    return {
+        f"{section}.{name}": typing.get_args(hint)
+        for section, cls in _section_classes().items()
+        for name, hint in typing.get_type_hints(cls).items()
+        if typing.get_origin(hint) is Literal
+    }
 
 
 def _closest(name: str, candidates, prefix: str = "") -> str:
@@ -193,7 +196,9 @@ def _coerce(key: str, value, annotation):
 def from_dict(raw: dict) -> Config:
     """A Config from nested {section: {key: value}}; unknown sections/keys and wrong types raise."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"a config must be a mapping of sections {list(_section_classes())}, got {type(raw).__name__}")
+        raise ConfigError(
+            f"a config must be a mapping of sections {list(_section_classes())}, got {type(raw).__name__}"
+        )
     classes = _section_classes()
     sections = {}
     for section, values in raw.items():
@@ -235,7 +240,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load(path: Optional[str], overrides: Optional[list[str]] = None) -> Config:
+def load(path: str | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (missing keys take the defaults) and apply `--set` overrides."""
     raw = {}
     if path is not None:
@@ -261,91 +266,152 @@ def validate(cfg: Config, world_size: int, backend: str = XLA) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _check(value in values, f"{key} must be one of {', '.join(values)}; got {value!r}")
-    d, a, m, o, s, r = cfg.data, cfg.augment, cfg.model, cfg.optim, cfg.schedule, cfg.run
+    data_cfg, augment_cfg, model_cfg, optim_cfg = cfg.data, cfg.augment, cfg.model, cfg.optim
+    schedule_cfg, run_cfg = cfg.schedule, cfg.run
     positive = {
-        "data.train_batch_size": d.train_batch_size, "data.valid_batch_size": d.valid_batch_size,
-        "augment.augment_repeats": a.augment_repeats, "model.polynomial_degree": m.polynomial_degree,
-        "model.layers": m.layers, "model.dim": m.dim, "model.heads": m.heads,
-        "model.patch_size": m.patch_size, "model.image_size": m.image_size,
-        "optim.grad_accum": o.grad_accum, "schedule.training_steps": s.training_steps,
-        "schedule.log_interval": s.log_interval,
+        "data.train_batch_size": data_cfg.train_batch_size,
+        "data.valid_batch_size": data_cfg.valid_batch_size,
+        "augment.augment_repeats": augment_cfg.augment_repeats,
+        "model.polynomial_degree": model_cfg.polynomial_degree,
+        "model.layers": model_cfg.layers,
+        "model.dim": model_cfg.dim,
+        "model.heads": model_cfg.heads,
+        "model.patch_size": model_cfg.patch_size,
+        "model.image_size": model_cfg.image_size,
+        "optim.grad_accum": optim_cfg.grad_accum,
+        "schedule.training_steps": schedule_cfg.training_steps,
+        "schedule.log_interval": schedule_cfg.log_interval,
     }
     for key, value in positive.items():
         _check(value >= 1, f"{key} must be >= 1, got {value}")
     non_negative = {
-        "data.train_loader_workers": d.train_loader_workers, "data.valid_loader_workers": d.valid_loader_workers,
-        "augment.color_jitter": a.color_jitter, "augment.mixup": a.mixup, "augment.cutmix": a.cutmix,
-        "optim.weight_decay": o.weight_decay, "optim.clip_grad": o.clip_grad,
-        "schedule.warmup_steps": s.warmup_steps, "schedule.eval_interval": s.eval_interval,
+        "data.train_loader_workers": data_cfg.train_loader_workers,
+        "data.valid_loader_workers": data_cfg.valid_loader_workers,
+        "augment.color_jitter": augment_cfg.color_jitter,
+        "augment.mixup": augment_cfg.mixup,
+        "augment.cutmix": augment_cfg.cutmix,
+        "optim.weight_decay": optim_cfg.weight_decay,
+        "optim.clip_grad": optim_cfg.clip_grad,
+        "schedule.warmup_steps": schedule_cfg.warmup_steps,
+        "schedule.eval_interval": schedule_cfg.eval_interval,
     }
     for key, value in non_negative.items():
         _check(value >= 0, f"{key} must be >= 0, got {value}")
     unit = {
-        "augment.random_erasing": a.random_erasing, "augment.label_smoothing": a.label_smoothing,
-        "model.dropout": m.dropout, "model.droppath": m.droppath,
-        "optim.adam_b1": o.adam_b1, "optim.adam_b2": o.adam_b2,
+        "augment.random_erasing": augment_cfg.random_erasing,
+        "augment.label_smoothing": augment_cfg.label_smoothing,
+        "model.dropout": model_cfg.dropout,
+        "model.droppath": model_cfg.droppath,
+        "optim.adam_b1": optim_cfg.adam_b1,
+        "optim.adam_b2": optim_cfg.adam_b2,
     }
     for key, value in unit.items():
         _check(0.0 <= value < 1.0, f"{key} must be in [0, 1), got {value}")
-    _check(0.0 < a.test_crop_ratio <= 1.0, f"augment.test_crop_ratio must be in (0, 1], got {a.test_crop_ratio}")
-    _check(0.0 < o.lr_decay <= 1.0, f"optim.lr_decay must be in (0, 1], got {o.lr_decay}")
-    _check(math.isfinite(o.learning_rate) and o.learning_rate > 0, f"optim.learning_rate must be > 0, got {o.learning_rate}")
-    _check(o.adam_eps > 0, f"optim.adam_eps must be > 0, got {o.adam_eps}")
-    _check(m.labels is not None and m.labels >= 2, f"model.labels must be set to the number of classes (>= 2), got {m.labels}")
+    _check(
+        0.0 < augment_cfg.test_crop_ratio <= 1.0,
+        f"augment.test_crop_ratio must be in (0, 1], got {augment_cfg.test_crop_ratio}",
+    )
+    _check(0.0 < optim_cfg.lr_decay <= 1.0, f"optim.lr_decay must be in (0, 1], got {optim_cfg.lr_decay}")
+    _check(
+        math.isfinite(optim_cfg.learning_rate) and optim_cfg.learning_rate > 0,
+        f"optim.learning_rate must be > 0, got {optim_cfg.learning_rate}",
+    )
+    _check(optim_cfg.adam_eps > 0, f"optim.adam_eps must be > 0, got {optim_cfg.adam_eps}")
+    _check(
+        model_cfg.labels is not None and model_cfg.labels >= 2,
+        f"model.labels must be set to the number of classes (>= 2), got {model_cfg.labels}",
+    )
     _check_ablations(cfg)
-    _check(m.dim % m.heads == 0, f"model.dim ({m.dim}) must be divisible by model.heads ({m.heads})")
-    _check(m.posemb != "sincos2d" or m.dim % 4 == 0, f"model.posemb=sincos2d needs model.dim divisible by 4, got {m.dim}")
-    _check(m.image_size % m.patch_size == 0,
-           f"model.image_size ({m.image_size}) must be divisible by model.patch_size ({m.patch_size})")
-    _check(s.warmup_steps < s.training_steps,
-           f"schedule.warmup_steps ({s.warmup_steps}) must be < schedule.training_steps ({s.training_steps})")
-    per_update = world_size * o.grad_accum
-    _check(d.train_batch_size % per_update == 0,
-           f"data.train_batch_size ({d.train_batch_size}) must be divisible by replicas x optim.grad_accum "
-           f"({world_size} x {o.grad_accum} = {per_update})")
-    _check(d.valid_batch_size % world_size == 0,
-           f"data.valid_batch_size ({d.valid_batch_size}) must be divisible by the {world_size} replicas")
+    _check(
+        model_cfg.dim % model_cfg.heads == 0,
+        f"model.dim ({model_cfg.dim}) must be divisible by model.heads ({model_cfg.heads})",
+    )
+    _check(
+        model_cfg.posemb != "sincos2d" or model_cfg.dim % 4 == 0,
+        f"model.posemb=sincos2d needs model.dim divisible by 4, got {model_cfg.dim}",
+    )
+    _check(
+        model_cfg.image_size % model_cfg.patch_size == 0,
+        f"model.image_size ({model_cfg.image_size}) must be divisible by model.patch_size ({model_cfg.patch_size})",
+    )
+    _check(
+        schedule_cfg.warmup_steps < schedule_cfg.training_steps,
+        f"schedule.warmup_steps ({schedule_cfg.warmup_steps}) must be < "
+        f"schedule.training_steps ({schedule_cfg.training_steps})",
+    )
+    per_update = world_size * optim_cfg.grad_accum
+    _check(
+        data_cfg.train_batch_size % per_update == 0,
+        f"data.train_batch_size ({data_cfg.train_batch_size}) must be divisible by replicas x optim.grad_accum "
+        f"({world_size} x {optim_cfg.grad_accum} = {per_update})",
+    )
+    _check(
+        data_cfg.valid_batch_size % world_size == 0,
+        f"data.valid_batch_size ({data_cfg.valid_batch_size}) must be divisible by the {world_size} replicas",
+    )
     for key in ("train_dataset_shards", "valid_dataset_shards"):
-        value = getattr(d, key)
-        _check(value is None or not value.startswith(PLACEHOLDER),
-               f"data.{key} is the placeholder {value!r}: set it to your dataset, e.g. "
-               f"--set data.{key}='pipe:gsutil cat gs://BUCKET/imagenet1k-{key.split('_')[0]}-{{0000..1023}}.tar'")
+        value = getattr(data_cfg, key)
+        _check(
+            value is None or not value.startswith(PLACEHOLDER),
+            f"data.{key} is the placeholder {value!r}: set it to your dataset, e.g. "
+            f"--set data.{key}='pipe:gsutil cat gs://BUCKET/imagenet1k-{key.split('_')[0]}-{{0000..1023}}.tar'",
+        )
     for key in ("pretrained_ckpt", "label_mapping"):
-        value = getattr(m, key)
+        value = getattr(model_cfg, key)
         _check(value is None or os.path.isfile(value), f"model.{key} {value!r} is not a file")
-    _check(backend == XLA or not r.compile_cache_dir,
-           "run.compile_cache_dir is the XLA compile cache: remove it when training with accelerate "
-           "(launch/train_gpu.py); run.compile=true compiles there")
-    _check(backend == ACCELERATE or not r.compile,
-           "run.compile is torch.compile under accelerate (launch/train_gpu.py); torch_xla compiles every "
-           "step graph already: remove it (run.compile_cache_dir keeps XLA's compilations across runs)")
-    _check(r.resume in ("auto", "never") or os.path.isfile(r.resume),
-           f"run.resume must be auto, never or an existing checkpoint file; {r.resume!r} is none of these")
+    _check(
+        backend == XLA or not run_cfg.compile_cache_dir,
+        "run.compile_cache_dir is the XLA compile cache: remove it when training with accelerate "
+        "(launch/train_gpu.py); run.compile=true compiles there",
+    )
+    _check(
+        backend == ACCELERATE or not run_cfg.compile,
+        "run.compile is torch.compile under accelerate (launch/train_gpu.py); torch_xla compiles every "
+        "step graph already: remove it (run.compile_cache_dir keeps XLA's compilations across runs)",
+    )
+    _check(
+        run_cfg.resume in ("auto", "never") or os.path.isfile(run_cfg.resume),
+        f"run.resume must be auto, never or an existing checkpoint file; {run_cfg.resume!r} is none of these",
+    )
 
 
 def launcher_parser(description: str, config_help: str) -> argparse.ArgumentParser:
     """The launchers' command line: --config and repeatable --set overrides (see `apply_overrides`)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help=config_help)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one key; the value is parsed as YAML; repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one key; the value is parsed as YAML; repeatable",
+    )
     return parser
 
 
 def _check_ablations(cfg: Config) -> None:
-    m = cfg.model
-    kan_switches = {"model.kan_degrees": m.kan_degrees is not None, "model.kan_input_scale": m.kan_input_scale,
-                    "model.kan_base_branch": m.kan_base_branch, "optim.kan_weight_decay": cfg.optim.kan_weight_decay}
+    model_cfg = cfg.model
+    kan_switches = {
+        "model.kan_degrees": model_cfg.kan_degrees is not None,
+        "model.kan_input_scale": model_cfg.kan_input_scale,
+        "model.kan_base_branch": model_cfg.kan_base_branch,
+        "optim.kan_weight_decay": cfg.optim.kan_weight_decay,
+    }
     for key, on in kan_switches.items():
-        _check(m.use_kan or not on, f"{key} applies to KAN models only: unset it or set model.use_kan=true")
-    if m.kan_degrees is not None:
-        _check(len(m.kan_degrees) == m.layers and all(type(k) is int and k >= 1 for k in m.kan_degrees),
-               f"model.kan_degrees must list {m.layers} integers >= 1 (one per block, model.layers), "
-               f"got {m.kan_degrees!r}")
-    _check(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+        _check(model_cfg.use_kan or not on, f"{key} applies to KAN models only: unset it or set model.use_kan=true")
+    if model_cfg.kan_degrees is not None:
+        _check(
+            len(model_cfg.kan_degrees) == model_cfg.layers
+            and all(type(k) is int and k >= 1 for k in model_cfg.kan_degrees),
+            f"model.kan_degrees must list {model_cfg.layers} integers >= 1 (one per block, model.layers), "
+            f"got {model_cfg.kan_degrees!r}",
+        )
+    _check(model_cfg.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {model_cfg.mlp_ratio}")
     changed = [key for key, on in kan_switches.items() if on and key.startswith("model.")]
-    _check(not (cfg.run.export_flax and changed),
-           f"run.export_flax writes the original's format, which has no {', '.join(changed)}: unset one or the other")
+    _check(
+        not (cfg.run.export_flax and changed),
+        f"run.export_flax writes the original's format, which has no {', '.join(changed)}: unset one or the other",
+    )
 
 
 def save(cfg: Config, path: str) -> None:

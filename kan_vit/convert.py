@@ -15,6 +15,7 @@ inference are `kan_vit.flax_layout`. Runs without JAX: the format is read and wr
 `kan_vit.flax_msgpack`. `export_flax` writes a trainer checkpoint's weights in the original's
 format (run.export_flax).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,16 @@ from . import flax_msgpack
 from .atomic_files import atomic_outputs
 from .checkpoint import CheckpointError, read_torch_checkpoint
 from .config import Config
-from .flax_layout import (DEFAULT_IMAGE_SIZE, ConvertError, check_timm_semantics, describe, flatten, flax_to_timm,
-                          infer_flax_architecture, timm_to_flax)
+from .flax_layout import (
+    DEFAULT_IMAGE_SIZE,
+    ConvertError,
+    check_timm_semantics,
+    describe,
+    flatten,
+    flax_to_timm,
+    infer_flax_architecture,
+    timm_to_flax,
+)
 
 TORCH_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 FLAX_SUFFIX = ".msgpack"
@@ -131,9 +140,7 @@ def _write_timm_config(name: str, model_args: dict, path: str) -> None:
     save_config_for_hf(model, path, model_args=model_args)
 
 
-def _torch_to_flax_file(
-    src: str, dst: Path, num_heads: int | None, image_size: int | None, exclude_head: bool
-) -> None:
+def _torch_to_flax_file(src: str, dst: Path, num_heads: int | None, image_size: int | None, exclude_head: bool) -> None:
     state_dict, known_heads = _load_torch_source(src)
     heads = num_heads or known_heads
     if heads is None:
@@ -172,10 +179,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("input", help="IN: .msgpack, .safetensors, .pth/.pt/.bin, or a timm model name")
     parser.add_argument("output", type=Path, help="OUT: .safetensors (or .pth) from .msgpack, else .msgpack")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help=f"image size of a posemb=sincos2d model (not stored; default {DEFAULT_IMAGE_SIZE})")
-    parser.add_argument("--num-heads", type=int, default=None,
-                        help="attention heads, for PyTorch input without its .json sidecar")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help=f"image size of a posemb=sincos2d model (not stored; default {DEFAULT_IMAGE_SIZE})",
+    )
+    parser.add_argument(
+        "--num-heads", type=int, default=None, help="attention heads, for PyTorch input without its .json sidecar"
+    )
     parser.add_argument("--exclude-head", action="store_true", help="drop the classifier")
     return parser
 

@@ -14,6 +14,7 @@ None of this applies on TPU, where each replica is a process with its own chip: 
 Replicas as threads also share the host RNGs and Python globals; the trainer keeps no
 per-replica state in them (`kan_vit.seeding` serialises every use of the host RNGs).
 """
+
 from __future__ import annotations
 
 import os

@@ -15,6 +15,7 @@ member is dropped and counted in each batch's `num_skipped`.
 
 `LazyStart` and `DeviceLoader` wrap a loader for the device, in each backend's `device_loader`.
 """
+
 from __future__ import annotations
 
 import io
@@ -66,20 +67,25 @@ def check_dataset(cfg) -> None:
         try:
             prepare_demo_digits(cfg.data.cache_dir)
         except OSError as exn:
-            raise ValueError(f"data.cache_dir={cfg.data.cache_dir!r}: cannot write the demo shards ({exn}):"
-                             " give a writable directory") from exn
+            raise ValueError(
+                f"data.cache_dir={cfg.data.cache_dir!r}: cannot write the demo shards ({exn}):"
+                " give a writable directory"
+            ) from exn
         return
     if fmt not in get_args(DataFormat):
         raise ValueError(f"data.format={fmt!r}: use one of {', '.join(get_args(DataFormat))}")
     for split in ("train", "valid"):
         key, source = f"data.{split}_dataset_shards", getattr(cfg.data, f"{split}_dataset_shards")
         if not source:
-            raise ValueError(f"{key} is not set: give a {'folder' if fmt == 'imagefolder' else 'shard pattern'}"
-                             " (or use data.format=demo_digits)")
+            raise ValueError(
+                f"{key} is not set: give a {'folder' if fmt == 'imagefolder' else 'shard pattern'}"
+                " (or use data.format=demo_digits)"
+            )
         if fmt == "imagefolder":
             if not os.path.isdir(source):
-                raise ValueError(f"{key}={source!r} is not a directory: give an ImageFolder root"
-                                 " (one folder per class)")
+                raise ValueError(
+                    f"{key}={source!r} is not a directory: give an ImageFolder root (one folder per class)"
+                )
             if not any(e.is_dir() and any(os.scandir(e.path)) for e in os.scandir(source)):
                 raise ValueError(f"{key}={source!r} has no non-empty class folders: give an ImageFolder root")
             continue
@@ -88,8 +94,10 @@ def check_dataset(cfg) -> None:
             raise ValueError(f"{key}={source!r} expands to no shards: check the brace pattern")
         bad = [u for u in urls if not _is_remote(u) and not (os.path.isfile(u) and os.path.getsize(u) > 0)]
         if bad:
-            raise ValueError(f"{key}: {len(bad)} of {len(urls)} shards are missing or empty, e.g. {bad[0]!r}:"
-                             " fix the path or pattern")
+            raise ValueError(
+                f"{key}: {len(bad)} of {len(urls)} shards are missing or empty, e.g. {bad[0]!r}:"
+                " fix the path or pattern"
+            )
 
 
 def _tar_records(url: str):
@@ -102,7 +110,7 @@ def _tar_records(url: str):
     try:
         stream = wds.gopen(url)
     except OSError as exn:
-        warnings.warn(f"skipping shard {url}: {exn}")
+        warnings.warn(f"skipping shard {url}: {exn}", stacklevel=2)
         return
     key, record, member = None, {}, None
     try:
@@ -118,7 +126,7 @@ def _tar_records(url: str):
                 member = None
     except (tarfile.TarError, OSError, EOFError) as exn:
         where = "a tar header" if member is None else f"member {member.name!r}"
-        warnings.warn(f"shard {url} is broken at {where}, skipping the rest of it: {exn}")
+        warnings.warn(f"shard {url} is broken at {where}, skipping the rest of it: {exn}", stacklevel=2)
         if member is None and key is not None:  # the header broke, not a member of `record`
             yield record
         yield SKIP
@@ -203,18 +211,20 @@ def _folder_items(dataset, cfg, world_size, rank, worker, num_workers):
 
     def indices():
         for epoch in itertools.count():
-            sampler.set_epoch(derive_seed(seed, epoch))  # the sampler seeds its permutation by epoch alone: fold in the seed
+            sampler.set_epoch(
+                derive_seed(seed, epoch)
+            )  # the sampler seeds its permutation by epoch alone: fold in the seed
             for p, index in enumerate(sampler):  # owner: this replica holds copy 0 of the image
                 yield index, (rank + p * world_size) % repeats == 0
 
-    for v, (index, owner) in itertools.islice(enumerate(indices()), worker, None, num_workers):
+    for position, (index, owner) in itertools.islice(enumerate(indices()), worker, None, num_workers):
         path, label = dataset.samples[index]
         image = _load_file(path)
         if image is SKIP:
             if owner:
                 yield SKIP
             continue
-        yield image, label, v
+        yield image, label, position
 
 
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, cfg):
@@ -279,26 +289,27 @@ class _TrainBatches(IterableDataset):
         physical, num_workers = _worker()
         worker = (physical + self.start_batch) % num_workers  # the DataLoader asks worker 0 first
         transform, seed = train_transform(self.cfg), self.cfg.data.shuffle_seed
-        batch, skipped, t = [], 0, worker
+        batch, skipped, batch_index = [], 0, worker  # this worker's batches: every num_workers-th
         for item in self.items(worker, num_workers):
             if item is SKIP:
                 skipped += 1
                 if skipped > 100 * self.batch_size + 1000:
                     raise RuntimeError(f"{skipped} samples in a row were undecodable: check the data")
                 continue
-            image, label, v = item
-            if t >= self.start_batch:  # batches before start_batch are only counted through, not augmented
-                with seeded_host_rngs(derive_seed(seed, 1, self.rank, worker, v)):
+            image, label, position = item  # the copy's position in the stream: seeds its augmentation
+            if batch_index >= self.start_batch:  # batches before start_batch are only counted through, not augmented
+                with seeded_host_rngs(derive_seed(seed, 1, self.rank, worker, position)):
                     image = transform(image)
             batch.append((image, label))
             if len(batch) < self.batch_size:
                 continue
-            if t >= self.start_batch:
-                rng = np.random.default_rng([self.cfg.augment.mixup_seed + self.rank, t])
-                images, targets = mix_batch(torch.stack([b[0] for b in batch]),
-                                            torch.tensor([b[1] for b in batch]), rng, self.cfg)
+            if batch_index >= self.start_batch:
+                rng = np.random.default_rng([self.cfg.augment.mixup_seed + self.rank, batch_index])
+                images, targets = mix_batch(
+                    torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch]), rng, self.cfg
+                )
                 yield images, targets, _count(skipped)
-            batch, skipped, t = [], 0, t + num_workers
+            batch, skipped, batch_index = [], 0, batch_index + num_workers
 
 
 def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0, local_replicas: int = 1):
@@ -307,9 +318,11 @@ def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0
     `local_replicas`: the processes on this host, which share data.train_loader_workers."""
     batch_size = cfg.data.train_batch_size // world_size // cfg.optim.grad_accum
     if batch_size < 1 or cfg.augment.augment_repeats < 1 or not cfg.model.labels:
-        raise ValueError(f"train loader needs data.train_batch_size >= world_size * optim.grad_accum "
-                         f"({cfg.data.train_batch_size} < {world_size} * {cfg.optim.grad_accum}?), "
-                         f"augment.augment_repeats >= 1 and model.labels set")
+        raise ValueError(
+            f"train loader needs data.train_batch_size >= world_size * optim.grad_accum "
+            f"({cfg.data.train_batch_size} < {world_size} * {cfg.optim.grad_accum}?), "
+            f"augment.augment_repeats >= 1 and model.labels set"
+        )
     if cfg.data.format == "imagefolder":
         dataset = ImageFolder(cfg.data.train_dataset_shards)
         items = partial(_folder_items, dataset, cfg, world_size, rank)  # picklable: spawn-started workers
@@ -317,8 +330,13 @@ def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0
         urls = expand_urls(_source(cfg, "train"))
         items = partial(_shard_items, urls, cfg, world_size, rank)  # picklable: spawn-started workers
     workers = loader_workers(cfg.data.train_loader_workers, local_replicas)
-    return DataLoader(_TrainBatches(items, cfg, rank, start_batch, batch_size), batch_size=None,
-                      num_workers=workers, persistent_workers=workers > 0, generator=_own_generator())
+    return DataLoader(
+        _TrainBatches(items, cfg, rank, start_batch, batch_size),
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=_own_generator(),
+    )
 
 
 def _shard_samples(urls):
@@ -388,14 +406,16 @@ def create_valid_loader(cfg, *, world_size: int, rank: int, local_replicas: int 
         units, samples = expand_urls(_source(cfg, "valid")), _shard_samples
         sizes = [sum(1 for _ in _tar_records(url)) for url in units]
     # parts[r][p]: unit indices of replica r, worker part p
-    parts = [[list(range(r, len(units), world_size))[p::num_parts] for p in range(num_parts)]
-             for r in range(world_size)]
+    parts = [
+        [list(range(r, len(units), world_size))[p::num_parts] for p in range(num_parts)] for r in range(world_size)
+    ]
     planned = [[math.ceil(sum(sizes[u] for u in part) / batch_size) for part in rp] for rp in parts]
     mine = planned[rank]
     mine[0] += max(map(sum, planned)) - sum(mine)
     dataset = _ValidBatches([[units[u] for u in part] for part in parts[rank]], mine, samples, cfg, batch_size)
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                        generator=_own_generator())
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0, generator=_own_generator()
+    )
     return loader, sum(sizes[u] for part in parts[rank] for u in part)
 
 

@@ -4,6 +4,7 @@
 upsampled bicubically to 32x32 RGB JPEGs in tar shards with keys `jpg`/`cls`, so the demo runs
 through the same shard -> decode -> augment path as ImageNet.
 """
+
 from __future__ import annotations
 
 import io
@@ -63,7 +64,8 @@ def prepare_demo_digits(cache_dir: str | None) -> tuple[str, str]:
     os.makedirs(parent, exist_ok=True)
     digits = load_digits()
     x_train, x_valid, y_train, y_valid = train_test_split(
-        digits.images, digits.target, test_size=0.2, stratify=digits.target, random_state=_SPLIT_SEED)
+        digits.images, digits.target, test_size=0.2, stratify=digits.target, random_state=_SPLIT_SEED
+    )
     tmp = tempfile.mkdtemp(prefix=".demo_digits-", dir=parent)
     try:
         _write_split(tmp, "train", x_train, y_train)

@@ -5,20 +5,30 @@ the architecture is read off the tree itself (`infer_flax_architecture`) or off 
 (`model_architecture`), and `timm_model_for` names the registered timm model that builds it.
 No files: `kan_vit.flax_msgpack` reads and writes the format, `kan_vit.convert` is the command line.
 """
+
 from __future__ import annotations
 
 import math
 import re
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
 
 from .vision_transformer import KanVisionTransformer
 
-__all__ = ["ConvertError", "check_timm_semantics", "describe", "flatten", "flax_to_timm", "infer_flax_architecture",
-           "model_architecture", "timm_model_for", "timm_to_flax"]
+__all__ = [
+    "ConvertError",
+    "check_timm_semantics",
+    "describe",
+    "flatten",
+    "flax_to_timm",
+    "infer_flax_architecture",
+    "model_architecture",
+    "timm_model_for",
+    "timm_to_flax",
+]
 
 DEFAULT_IMAGE_SIZE = 224
 # timm names registered by kan_vit.vision_transformer, by feed-forward kind.
@@ -54,33 +64,40 @@ def _mapping(arch: dict) -> list[tuple[str, tuple[str, ...], tuple, tuple, str]]
     if arch["pooling"] == "cls":
         entries.append(("cls_token", ("embed/cls_token",), (1, 1, d), (1, 1, d), "reshape"))
     for i in range(arch["depth"]):
-        f, t = f"layer_{i}/", f"blocks.{i}."
-        qkv = tuple(f"{f}attn/{w}" for w in ("wq", "wk", "wv"))
+        flax_prefix, timm_prefix = f"layer_{i}/", f"blocks.{i}."
+        qkv = tuple(f"{flax_prefix}attn/{w}" for w in ("wq", "wk", "wv"))
         entries += [
-            (t + "norm1.weight", (f + "norm1/scale",), (d,), (d,), "reshape"),
-            (t + "norm1.bias", (f + "norm1/bias",), (d,), (d,), "reshape"),
-            (t + "attn.qkv.weight", tuple(w + "/kernel" for w in qkv), (d, h, dh), (3 * d, d), "linear"),
-            (t + "attn.qkv.bias", tuple(w + "/bias" for w in qkv), (h, dh), (3 * d,), "reshape"),
-            (t + "attn.proj.weight", (f + "attn/wo/kernel",), (h, dh, d), (d, d), "linear"),
-            (t + "attn.proj.bias", (f + "attn/wo/bias",), (d,), (d,), "reshape"),
-            (t + "norm2.weight", (f + "norm2/scale",), (d,), (d,), "reshape"),
-            (t + "norm2.bias", (f + "norm2/bias",), (d,), (d,), "reshape"),
+            (timm_prefix + "norm1.weight", (flax_prefix + "norm1/scale",), (d,), (d,), "reshape"),
+            (timm_prefix + "norm1.bias", (flax_prefix + "norm1/bias",), (d,), (d,), "reshape"),
+            (timm_prefix + "attn.qkv.weight", tuple(w + "/kernel" for w in qkv), (d, h, dh), (3 * d, d), "linear"),
+            (timm_prefix + "attn.qkv.bias", tuple(w + "/bias" for w in qkv), (h, dh), (3 * d,), "reshape"),
+            (timm_prefix + "attn.proj.weight", (flax_prefix + "attn/wo/kernel",), (h, dh, d), (d, d), "linear"),
+            (timm_prefix + "attn.proj.bias", (flax_prefix + "attn/wo/bias",), (d,), (d,), "reshape"),
+            (timm_prefix + "norm2.weight", (flax_prefix + "norm2/scale",), (d,), (d,), "reshape"),
+            (timm_prefix + "norm2.bias", (flax_prefix + "norm2/bias",), (d,), (d,), "reshape"),
         ]
         if arch["use_kan"]:
-            k1 = arch["polynomial_degree"] + 1
-            entries.append((t + "mlp.kan.coefficients", (f + "ff/ChebyKAN_0/coefficients",),
-                            (d, d, k1), (d, d, k1), "reshape"))
+            num_terms = arch["polynomial_degree"] + 1
+            entries.append(
+                (
+                    timm_prefix + "mlp.kan.coefficients",
+                    (flax_prefix + "ff/ChebyKAN_0/coefficients",),
+                    (d, d, num_terms),
+                    (d, d, num_terms),
+                    "reshape",
+                )
+            )
         else:
             entries += [
-                (t + "mlp.fc1.weight", (f + "ff/w1/kernel",), (d, 4 * d), (4 * d, d), "linear"),
-                (t + "mlp.fc1.bias", (f + "ff/w1/bias",), (4 * d,), (4 * d,), "reshape"),
-                (t + "mlp.fc2.weight", (f + "ff/w2/kernel",), (4 * d, d), (d, 4 * d), "linear"),
-                (t + "mlp.fc2.bias", (f + "ff/w2/bias",), (d,), (d,), "reshape"),
+                (timm_prefix + "mlp.fc1.weight", (flax_prefix + "ff/w1/kernel",), (d, 4 * d), (4 * d, d), "linear"),
+                (timm_prefix + "mlp.fc1.bias", (flax_prefix + "ff/w1/bias",), (4 * d,), (4 * d,), "reshape"),
+                (timm_prefix + "mlp.fc2.weight", (flax_prefix + "ff/w2/kernel",), (4 * d, d), (d, 4 * d), "linear"),
+                (timm_prefix + "mlp.fc2.bias", (flax_prefix + "ff/w2/bias",), (d,), (d,), "reshape"),
             ]
         if arch["layerscale"]:
             entries += [
-                (t + "ls1.gamma", (f + "scale1",), (d,), (d,), "reshape"),
-                (t + "ls2.gamma", (f + "scale2",), (d,), (d,), "reshape"),
+                (timm_prefix + "ls1.gamma", (flax_prefix + "scale1",), (d,), (d,), "reshape"),
+                (timm_prefix + "ls2.gamma", (flax_prefix + "scale2",), (d,), (d,), "reshape"),
             ]
     entries += [
         ("norm.weight", ("norm/scale",), (d,), (d,), "reshape"),
@@ -205,12 +222,12 @@ _ARCH_KEYS = dict(
 )
 
 
-def _read_architecture(leaves: dict, side: int, what: str) -> dict:
-    """Everything but heads and image size, from either layout (side 0: Flax, 1: timm).
+def _read_architecture(leaves: dict, layout: int, what: str) -> dict:
+    """Everything but heads and image size, from either layout (`layout` 0: Flax keys, 1: timm keys).
 
     Only sizes both layouts share are read here; `_check_leaves` then checks every shape.
     """
-    key = {role: keys[side] for role, keys in _ARCH_KEYS.items()}
+    key = {role: keys[layout] for role, keys in _ARCH_KEYS.items()}
     dim = _shape_of(leaves, key["patch_bias"], 1, what)[0]
     patch = math.isqrt(math.prod(_shape_of(leaves, key["patch_kernel"], 4, what)) // (3 * dim))
     arch = dict(
@@ -254,12 +271,11 @@ def infer_flax_architecture(params: dict, image_size: int | None = None) -> dict
         arch["img_size"] = DEFAULT_IMAGE_SIZE if image_size is None else image_size
         if arch["img_size"] % patch:
             raise ConvertError(f"image size {arch['img_size']} is not a multiple of the patch size {patch}")
-    _check_leaves(leaves, {path: shape for _, paths, shape, _, _ in _mapping(arch) for path in paths},
-                  what, arch)
+    _check_leaves(leaves, {path: shape for _, paths, shape, _, _ in _mapping(arch) for path in paths}, what, arch)
     return arch
 
 
-@lru_cache(maxsize=None)
+@cache
 def _registered_arch(name: str) -> dict:
     """The defaults of a registered model, read off an instance on the meta device (no memory)."""
     import timm
@@ -291,8 +307,12 @@ def timm_model_for(arch: dict) -> tuple[str, dict]:
     """The registered name (same dim and heads, else the smallest of the kind) and the overrides."""
     names = MODEL_NAMES[arch["use_kan"]]
     name = next(
-        (n for n in names if (_registered_arch(n)["embed_dim"], _registered_arch(n)["num_heads"])
-         == (arch["embed_dim"], arch["num_heads"])),
+        (
+            n
+            for n in names
+            if (_registered_arch(n)["embed_dim"], _registered_arch(n)["num_heads"])
+            == (arch["embed_dim"], arch["num_heads"])
+        ),
         names[0],
     )
     defaults = _registered_arch(name)
@@ -312,7 +332,8 @@ def check_timm_semantics(model: torch.nn.Module, name: str) -> None:
     if not (isinstance(act, torch.nn.GELU) and act.approximate == "tanh"):
         warnings.warn(
             f"{name} uses {act}; the original's MLP uses tanh-approximated GELU, "
-            "so the converted model computes a slightly different function"
+            "so the converted model computes a slightly different function",
+            stacklevel=2,
         )
 
 
@@ -345,8 +366,10 @@ def timm_to_flax(state_dict: dict, num_heads: int) -> dict:
     `cls_token` (exact: the class token's input is cls_token + pos_embed[:, 0]).
     """
     what = "PyTorch state dict"
-    leaves = {k: (v.detach().cpu().float().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
-              for k, v in state_dict.items()}
+    leaves = {
+        k: (v.detach().cpu().float().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+        for k, v in state_dict.items()
+    }
     arch = _read_architecture(leaves, 1, what)
     if arch["embed_dim"] % num_heads:
         raise ConvertError(f"dim {arch['embed_dim']} is not divisible by {num_heads} heads")
@@ -355,7 +378,9 @@ def timm_to_flax(state_dict: dict, num_heads: int) -> dict:
     if arch["posemb"] == "learnable":
         tokens = _shape_of(leaves, "pos_embed", 3, what)[1]
         if arch["pooling"] == "cls" and not _is_square(tokens) and _is_square(tokens - 1):
-            warnings.warn("folded the class token's position embedding into cls_token (the original has none)")
+            warnings.warn(
+                "folded the class token's position embedding into cls_token (the original has none)", stacklevel=2
+            )
             pos_embed = leaves.pop("pos_embed")
             leaves["cls_token"] = leaves["cls_token"] + pos_embed[:, :1]
             leaves["pos_embed"] = pos_embed[:, 1:]

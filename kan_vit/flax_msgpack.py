@@ -10,6 +10,7 @@
 `dump` writes exactly the bytes Flax writes, streaming each array's buffer to the file;
 `restore` returns arrays that view the decoded payloads instead of copying them.
 """
+
 from __future__ import annotations
 
 import math

@@ -14,6 +14,7 @@ validation inputs' range and fractions with |x| > 2 and beyond bf16 tanh saturat
 Without --config there are no inputs: the functions are drawn over DEFAULT_RANGE.
 Runs eagerly on the CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,13 @@ def kan_layers(state_dict: dict) -> list[KanLayer]:
         if match:
             prefix = f"blocks.{match.group(1)}.mlp."
             optional = [state_dict.get(prefix + name) for name in ("kan.input_scale", "base.weight")]
-            layers.append(KanLayer(int(match.group(1)), state_dict[key].double(),
-                                   *[None if t is None else t.double() for t in optional]))
+            layers.append(
+                KanLayer(
+                    int(match.group(1)),
+                    state_dict[key].double(),
+                    *[None if t is None else t.double() for t in optional],
+                )
+            )
     return layers
 
 
@@ -112,9 +118,13 @@ class InputStatistics:
         self.hist[index] += torch.histc(x, HIST_BINS, -HIST_RANGE, HIST_RANGE)
 
     def layer(self, index: int) -> dict:
-        return {"input_min": self.low[index], "input_max": self.high[index], "inputs": self.count[index],
-                "frac_abs_gt_2": self.beyond_2[index] / self.count[index],
-                "frac_abs_gt_3.47": self.saturated[index] / self.count[index]}
+        return {
+            "input_min": self.low[index],
+            "input_max": self.high[index],
+            "inputs": self.count[index],
+            "frac_abs_gt_2": self.beyond_2[index] / self.count[index],
+            "frac_abs_gt_3.47": self.saturated[index] / self.count[index],
+        }
 
 
 def collect_statistics(model: torch.nn.Module, batches, max_batches: int) -> InputStatistics:
@@ -181,8 +191,10 @@ def inspect(state_dict: dict, out_dir: str, edges: int = 16, stats: InputStatist
         raise ValueError("the checkpoint has no KAN layers (blocks.*.mlp.kan.coefficients): is it an MLP model?")
     if stats is not None and len(stats.modules) != len(layers):
         raise ValueError(f"the model has {len(stats.modules)} KAN layers, the checkpoint {len(layers)}")
-    summary = {"range_source": "validation inputs" if stats else f"default {list(DEFAULT_RANGE)} (no --config)",
-               "layers": []}
+    summary = {
+        "range_source": "validation inputs" if stats else f"default {list(DEFAULT_RANGE)} (no --config)",
+        "layers": [],
+    }
     figures = {}
     for index, layer in enumerate(layers):
         entry = {"block": layer.block, "degree": layer.coefficients.shape[-1] - 1}
@@ -199,12 +211,13 @@ def inspect(state_dict: dict, out_dir: str, edges: int = 16, stats: InputStatist
         summary["layers"].append(entry)
         hist = _histogram_over(stats.hist[index], low, high) if stats is not None else None
         figures[f"layer_{layer.block:02d}.png"] = plot_layer(
-            layer, x, edges, hist, f"block {layer.block}: top {edges} edges by ||C[i, j, 1:]||, phi_ij(x)")
+            layer, x, edges, hist, f"block {layer.block}: top {edges} edges by ||C[i, j, 1:]||, phi_ij(x)"
+        )
 
     names = list(figures) + ["report.md", "summary.json"]
     os.makedirs(out_dir, exist_ok=True)
     with atomic_outputs(*[os.path.join(out_dir, name) for name in names]) as temps:
-        for (name, fig), tmp in zip(figures.items(), temps):
+        for fig, tmp in zip(figures.values(), temps):
             fig.savefig(tmp, format="png", dpi=110)
             plt.close(fig)
         with open(temps[-2], "w", encoding="utf-8") as file:
@@ -217,20 +230,36 @@ def inspect(state_dict: dict, out_dir: str, edges: int = 16, stats: InputStatist
 def _report(summary: dict, figures: list[str]) -> str:
     layers = summary["layers"]
     degree = max(entry["degree"] for entry in layers)
-    lines = ["# KAN inspection", "", f"Function ranges: {summary['range_source']}.", "",
-             "## Coefficient energy share by degree k, largest slope", "",
-             "| block | " + " | ".join(f"k={k}" for k in range(degree + 1)) + " | max abs(dphi/dx) | at edge i -> j |",
-             "|---" * (degree + 4) + "|"]
+    lines = [
+        "# KAN inspection",
+        "",
+        f"Function ranges: {summary['range_source']}.",
+        "",
+        "## Coefficient energy share by degree k, largest slope",
+        "",
+        "| block | " + " | ".join(f"k={k}" for k in range(degree + 1)) + " | max abs(dphi/dx) | at edge i -> j |",
+        "|---" * (degree + 4) + "|",
+    ]
     for entry in layers:
         shares = entry["energy_share_by_degree"] + [math.nan] * (degree + 1 - len(entry["energy_share_by_degree"]))
-        lines.append(f"| {entry['block']} | " + " | ".join("" if math.isnan(s) else f"{s:.3f}" for s in shares)
-                     + f" | {entry['max_slope']:.3g} | {entry['max_slope_edge'][0]} -> {entry['max_slope_edge'][1]} |")
+        lines.append(
+            f"| {entry['block']} | "
+            + " | ".join("" if math.isnan(s) else f"{s:.3f}" for s in shares)
+            + f" | {entry['max_slope']:.3g} | {entry['max_slope_edge'][0]} -> {entry['max_slope_edge'][1]} |"
+        )
     if "inputs" in layers[0]:
-        lines += ["", "## Validation inputs (tails on the tanh input: s * x with the input scale)", "",
-                  "| block | inputs | min | max | abs(x) > 2 | abs(x) > 3.47 (bf16 tanh = +-1) |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Validation inputs (tails on the tanh input: s * x with the input scale)",
+            "",
+            "| block | inputs | min | max | abs(x) > 2 | abs(x) > 3.47 (bf16 tanh = +-1) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for entry in layers:
-            lines.append(f"| {entry['block']} | {entry['inputs']:,} | {entry['input_min']:.3f} | {entry['input_max']:.3f} | "
-                         f"{entry['frac_abs_gt_2']:.4%} | {entry['frac_abs_gt_3.47']:.4%} |")
+            lines.append(
+                f"| {entry['block']} | {entry['inputs']:,} | {entry['input_min']:.3f} | {entry['input_max']:.3f} | "
+                f"{entry['frac_abs_gt_2']:.4%} | {entry['frac_abs_gt_3.47']:.4%} |"
+            )
     else:
         lines += ["", "No --config: no validation inputs, so no input statistics or histograms."]
     lines += ["", "## Learned functions", ""] + [f"![{name}]({name})" for name in figures]
@@ -238,12 +267,18 @@ def _report(summary: dict, figures: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kan-vit-inspect", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kan-vit-inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", help="trainer .pth, .pth / .safetensors state dict or original .msgpack")
     parser.add_argument("--config", help="training config: the model and its validation data (input statistics)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key; the value is parsed as YAML; repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key; the value is parsed as YAML; repeatable",
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--edges", type=int, default=16, help="edges drawn per layer (default 16)")
     parser.add_argument("--max-batches", type=int, default=8, help="validation batches to run (default 8)")
@@ -253,8 +288,11 @@ def main(argv=None) -> int:
     if args.set and not args.config:
         parser.error("--set needs --config")
     if not os.path.isfile(args.checkpoint):
-        print(f"kan-vit-inspect: error: checkpoint {args.checkpoint} does not exist: pass a trainer .pth, "
-              "a .pth / .safetensors state dict or an original .msgpack", file=sys.stderr)
+        print(
+            f"kan-vit-inspect: error: checkpoint {args.checkpoint} does not exist: pass a trainer .pth, "
+            "a .pth / .safetensors state dict or an original .msgpack",
+            file=sys.stderr,
+        )
         return 2
     from .config import ConfigError
 

@@ -10,11 +10,12 @@ The first and last are means over the log interval. Their sums are device tensor
 torch.where on the step, like the trainer's loss sum, so every update runs the same graph; the
 trainer reads them only in its log closure, after the graph ran (`metrics`).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -72,8 +73,9 @@ class KanHealth:
         return self.saturated_sum, self.grad_norm_sum, self.coef_norms
 
 
-def metrics(saturated_sum: torch.Tensor, grad_norm_sum: torch.Tensor, coef_norms: torch.Tensor | None,
-            interval: int) -> dict:
+def metrics(
+    saturated_sum: torch.Tensor, grad_norm_sum: torch.Tensor, coef_norms: torch.Tensor | None, interval: int
+) -> dict:
     """`KanHealth.tensors()` as logged numbers; `interval` updates went into the sums."""
     values = {"train/grad_norm": float(grad_norm_sum.cpu()) / interval}
     for i, total in enumerate((saturated_sum.cpu() / interval).tolist()):

@@ -6,6 +6,7 @@ a new wandb run and stores its id.
 Values arrive as host numbers (the trainer reads device values in step closures); other
 replicas get a logger that does nothing, so the trainer calls it unconditionally.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,13 @@ class RunLogger:
                 with open(id_path, encoding="utf-8") as file:
                     resume_id = file.read().strip()
             self.wandb = wandb.init(
-                project=cfg.run.project, name=cfg.run.name, config=to_dict(cfg), mode=cfg.run.wandb,
-                dir=cfg.run.output_dir, id=resume_id, resume="allow" if resume_id else None,
+                project=cfg.run.project,
+                name=cfg.run.name,
+                config=to_dict(cfg),
+                mode=cfg.run.wandb,
+                dir=cfg.run.output_dir,
+                id=resume_id,
+                resume="allow" if resume_id else None,
             )
             if resume_id is None:  # a new run: its id for the next resume
                 with atomic_outputs(id_path) as (tmp,):
@@ -58,8 +64,13 @@ class RunLogger:
         if not self.master:
             return
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix({"img/s": f"{metrics['perf/img_per_sec']:.0f}",
-                              "loss": f"{metrics['train/loss']:.4f}", "lr": f"{metrics['train/lr']:.2e}"})
+        self.bar.set_postfix(
+            {
+                "img/s": f"{metrics['perf/img_per_sec']:.0f}",
+                "loss": f"{metrics['train/loss']:.4f}",
+                "lr": f"{metrics['train/lr']:.2e}",
+            }
+        )
         self._write(step, metrics)
 
     def eval(self, step: int, metrics: dict) -> None:

@@ -1,5 +1,6 @@
 """The model a config describes: its timm name and arguments from model.*, the seeded init, the
 fine-tuning start (model.pretrained_ckpt) and gradient checkpointing."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,19 +15,31 @@ from .seeding import seeded_host_rngs
 
 def build_model(cfg: Config) -> torch.nn.Module:
     """The configured model on the host; parameters from model.init_seed, identical on all replicas."""
-    m = cfg.model
-    with seeded_host_rngs(m.init_seed):
+    model_cfg = cfg.model
+    with seeded_host_rngs(model_cfg.init_seed):
         model = timm.create_model(
-            "kan_vit_base_patch16_224" if m.use_kan else "deit_jax_base_patch16_224",
-            num_classes=m.labels, img_size=m.image_size, patch_size=m.patch_size, embed_dim=m.dim,
-            depth=m.layers, num_heads=m.heads, use_kan=m.use_kan, polynomial_degree=m.kan_degrees or m.polynomial_degree,
-            kan_input_scale=m.kan_input_scale, kan_base_branch=m.kan_base_branch, mlp_ratio=m.mlp_ratio,
-            posemb=m.posemb, pooling=m.pooling, layerscale=m.layerscale, dropout=m.dropout,
-            drop_path_rate=m.droppath, drop_path_schedule="constant",  # the original's: one rate in every block
+            "kan_vit_base_patch16_224" if model_cfg.use_kan else "deit_jax_base_patch16_224",
+            num_classes=model_cfg.labels,
+            img_size=model_cfg.image_size,
+            patch_size=model_cfg.patch_size,
+            embed_dim=model_cfg.dim,
+            depth=model_cfg.layers,
+            num_heads=model_cfg.heads,
+            use_kan=model_cfg.use_kan,
+            polynomial_degree=model_cfg.kan_degrees or model_cfg.polynomial_degree,
+            kan_input_scale=model_cfg.kan_input_scale,
+            kan_base_branch=model_cfg.kan_base_branch,
+            mlp_ratio=model_cfg.mlp_ratio,
+            posemb=model_cfg.posemb,
+            pooling=model_cfg.pooling,
+            layerscale=model_cfg.layerscale,
+            dropout=model_cfg.dropout,
+            drop_path_rate=model_cfg.droppath,
+            drop_path_schedule="constant",  # the original's: one rate in every block
         )
-    if m.pretrained_ckpt:
-        load_pretrained(model, m)
-    if m.grad_ckpt:
+    if model_cfg.pretrained_ckpt:
+        load_pretrained(model, model_cfg)
+    if model_cfg.grad_ckpt:
         model.set_grad_checkpointing(True)
     return model
 

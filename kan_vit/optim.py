@@ -11,21 +11,31 @@ Trainer use, per optimizer update (`step` a 0-dim int tensor on the device, the 
     set_lr(optimizer, lr_at(step, cfg.optim.learning_rate, warmup, training_steps))
     ... backward ...; torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0; optimizer.step()
 """
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Union
+from typing import get_args
 
 import torch
-from torch import nn
 from timm.optim import Lamb
 from timm.optim.lamb import lamb
+from torch import nn
 
 from .chebykan import ChebyKAN
-from .config import OptimConfig
+from .config import OptimConfig, OptimizerName
 
-__all__ = ["param_groups", "create_optimizer", "GroupStepAdamW", "ChunkedTrustLamb", "lr_at", "set_lr", "WARMUP_INIT_LR", "COSINE_END_LR"]
+__all__ = [
+    "param_groups",
+    "create_optimizer",
+    "GroupStepAdamW",
+    "ChunkedTrustLamb",
+    "lr_at",
+    "set_lr",
+    "WARMUP_INIT_LR",
+    "COSINE_END_LR",
+]
 
 WARMUP_INIT_LR = 1e-6
 COSINE_END_LR = 1e-5
@@ -57,7 +67,8 @@ def param_groups(model: nn.Module, weight_decay: float, lr_decay: float, kan_wei
     """Param groups with the original's decay mask and layer-wise lr scales.
 
     Decayed (weight_decay): Linear/Conv weights only; not KAN coefficients (unless
-    `kan_weight_decay`, an ablation), biases, norms, cls_token, pos_embed, LayerScale gammas. lr_scale = lr_decay ** (L - i), i = 0 for the
+    `kan_weight_decay`, an ablation), biases, norms, cls_token, pos_embed, LayerScale gammas.
+    lr_scale = lr_decay ** (L - i), i = 0 for the
     embedding, k + 1 for `blocks.k`, L for the rest (final norm, head); L = len(model.blocks).
     Each group has 'params', 'weight_decay', 'lr_scale', 'decayed' (the mask, for LAMB) and
     'trust_chunks' (3 for the fused attn.qkv weights, else 1: LAMB's trust ratios per weight).
@@ -84,8 +95,13 @@ def param_groups(model: nn.Module, weight_decay: float, lr_decay: float, kan_wei
         chunks = 3 if name.endswith(_QKV_WEIGHT_SUFFIX) else 1
         group = groups.setdefault(
             (lr_scale, decayed, chunks),
-            dict(params=[], weight_decay=weight_decay if decayed else 0.0, lr_scale=lr_scale, decayed=decayed,
-                 trust_chunks=chunks),
+            dict(
+                params=[],
+                weight_decay=weight_decay if decayed else 0.0,
+                lr_scale=lr_scale,
+                decayed=decayed,
+                trust_chunks=chunks,
+            ),
         )
         group["params"].append(param)
     return list(groups.values())
@@ -107,11 +123,19 @@ def create_optimizer(model: nn.Module, optim_cfg: OptimConfig) -> torch.optim.Op
             group["always_adapt"] = group["decayed"]
         # No built-in clipping (the original clips only through optim.clip_grad); L2-style decay
         # added to the Adam direction before the trust ratio, as the original.
-        return _with_zero_state(ChunkedTrustLamb(
-            groups, lr=optim_cfg.learning_rate, betas=betas, eps=optim_cfg.adam_eps,
-            max_grad_norm=None, decoupled_decay=False, trust_clip=False,
-        ))
-    raise ValueError(f"optim.optimizer must be 'adamw' or 'lamb', got {optim_cfg.optimizer!r}")
+        return _with_zero_state(
+            ChunkedTrustLamb(
+                groups,
+                lr=optim_cfg.learning_rate,
+                betas=betas,
+                eps=optim_cfg.adam_eps,
+                max_grad_norm=None,
+                decoupled_decay=False,
+                trust_clip=False,
+            )
+        )
+    names = ", ".join(get_args(OptimizerName))
+    raise ValueError(f"optim.optimizer must be one of {names}, got {optim_cfg.optimizer!r}")
 
 
 def _group_step(group: dict, device: torch.device) -> torch.Tensor:
@@ -164,8 +188,8 @@ class GroupStepAdamW(torch.optim.AdamW):
             step.add_(1)
             beta1, beta2 = group["betas"]
             lr, eps = group["lr"], group["eps"]
-            step_size = lr / (1 - beta1 ** step)
-            bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
+            step_size = lr / (1 - beta1**step)
+            bias_correction2_sqrt = (1 - beta2**step).sqrt()
             decay = 1 - lr * group["weight_decay"] if group["weight_decay"] else None
             for param in with_grad:
                 state = self.state[param]
@@ -204,7 +228,7 @@ class ChunkedTrustLamb(Lamb):
             step.add_(1)
             beta1, beta2 = group["betas"]
             if group["bias_correction"]:
-                bias_correction1, bias_correction2 = 1 - beta1 ** step, 1 - beta2 ** step
+                bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
             else:
                 bias_correction1, bias_correction2 = 1.0, 1.0
             chunks = group.get("trust_chunks", 1)
@@ -219,19 +243,30 @@ class ChunkedTrustLamb(Lamb):
                 exp_avg_sqs += state["exp_avg_sq"].chunk(chunks)
             decoupled_decay = group.get("decoupled_decay", False)
             lamb(
-                params, grads, exp_avgs, exp_avg_sqs, clip_grad_norm=clip_grad_norm, foreach=group["foreach"],
-                lr=group["lr"], beta1=beta1, beta2=beta2, beta3=1 - beta1 if group["grad_averaging"] else 1.0,
-                bias_correction1=bias_correction1, bias_correction2=bias_correction2, eps=group["eps"],
-                weight_decay=group["weight_decay"], decoupled_decay=decoupled_decay,
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                clip_grad_norm=clip_grad_norm,
+                foreach=group["foreach"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                beta3=1 - beta1 if group["grad_averaging"] else 1.0,
+                bias_correction1=bias_correction1,
+                bias_correction2=bias_correction2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_decay=decoupled_decay,
                 max_lr=group["max_lr_snapshot"] if decoupled_decay and group["corrected_weight_decay"] else None,
-                trust_clip=group["trust_clip"], always_adapt=group["always_adapt"], caution=group["caution"],
+                trust_clip=group["trust_clip"],
+                always_adapt=group["always_adapt"],
+                caution=group["caution"],
             )
         return loss
 
 
-def lr_at(
-    step: Union[int, torch.Tensor], peak_lr: float, warmup_steps: int, training_steps: int
-) -> Union[float, torch.Tensor]:
+def lr_at(step: int | torch.Tensor, peak_lr: float, warmup_steps: int, training_steps: int) -> float | torch.Tensor:
     """The lr of optimizer update `step` (0-based): linear warmup 1e-6 -> peak over
     warmup_steps, cosine peak -> 1e-5 at training_steps, constant after.
 
@@ -243,15 +278,15 @@ def lr_at(
             f"need 0 <= schedule.warmup_steps < schedule.training_steps, got {warmup_steps} and {training_steps}"
         )
     as_float = not torch.is_tensor(step)
-    t = torch.tensor(float(step), dtype=torch.float64) if as_float else step.to(torch.float32)
-    warmup = WARMUP_INIT_LR + (peak_lr - WARMUP_INIT_LR) * t / max(warmup_steps, 1)
-    progress = ((t - warmup_steps) / (training_steps - warmup_steps)).clamp(0.0, 1.0)
+    steps_done = torch.tensor(float(step), dtype=torch.float64) if as_float else step.to(torch.float32)
+    warmup = WARMUP_INIT_LR + (peak_lr - WARMUP_INIT_LR) * steps_done / max(warmup_steps, 1)
+    progress = ((steps_done - warmup_steps) / (training_steps - warmup_steps)).clamp(0.0, 1.0)
     cosine = COSINE_END_LR + (peak_lr - COSINE_END_LR) * 0.5 * (1.0 + torch.cos(math.pi * progress))
-    lr = torch.where(t < warmup_steps, warmup, cosine)
+    lr = torch.where(steps_done < warmup_steps, warmup, cosine)
     return lr.item() if as_float else lr
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: Union[float, torch.Tensor]) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float | torch.Tensor) -> None:
     """Put lr * group['lr_scale'] into every group; a device tensor lr stays in the step graph."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]

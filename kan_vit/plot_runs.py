@@ -3,6 +3,7 @@ optimizer step, one line per run, from each run's metrics.jsonl.
 
     kan-vit-plot RUN_DIR [RUN_DIR ...] --out curves.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def plot_runs(run_dirs: list[str]):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kan-vit-plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kan-vit-plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run output directories (run.output_dir)")
     parser.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args(argv)

@@ -5,6 +5,7 @@ dict), `.safetensors` (the converter's output), and the original's `.msgpack` (c
 fly, no JAX). A learnable position embedding is resized bicubically when the grid differs; the
 head is re-initialised when missing or of another shape, unless a label mapping builds it.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,7 @@ def read_label_mapping(path: str | Path) -> tuple[list[int], list[int]]:
         mapping = json.loads(Path(path).read_text())
         src, dst = [int(i) for i in mapping["src"]], [int(i) for i in mapping["dst"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"label mapping {path}: expected a JSON file {{\"src\": [...], \"dst\": [...]}} ({e})"
-        ) from e
+        raise ValueError(f'label mapping {path}: expected a JSON file {{"src": [...], "dst": [...]}} ({e})') from e
     if len(src) != len(dst):
         raise ValueError(f"label mapping {path}: src has {len(src)} entries, dst {len(dst)}")
     return src, dst
@@ -67,8 +66,9 @@ def map_head(state_dict: dict, model: torch.nn.Module, src: list[int], dst: list
     return {**state_dict, "head.weight": weight, "head.bias": bias}
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, *, label_mapping: str | None = None,
-                 new_head: bool = True) -> None:
+def load_weights(
+    model: torch.nn.Module, path: str | Path, *, label_mapping: str | None = None, new_head: bool = True
+) -> None:
     """Load a checkpoint file into `model` (strict, after adapting pos_embed and head).
 
     `new_head=False` (evaluation) refuses a checkpoint whose head does not fit instead of
@@ -81,15 +81,18 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, label_mapping: str
         head = {f"head.{k}": tuple(v.shape) for k, v in model.head.named_parameters()}
         found = {k: tuple(state_dict[k].shape) for k in head if k in state_dict}
         if found != head:
-            raise ValueError(f"checkpoint {path} has head {found or 'none'}, the configured model needs "
-                             f"{head or 'none'}: set model.labels to the checkpoint's class count")
+            raise ValueError(
+                f"checkpoint {path} has head {found or 'none'}, the configured model needs "
+                f"{head or 'none'}: set model.labels to the checkpoint's class count"
+            )
     state_dict = checkpoint_filter_fn(state_dict, model)
     expected = model.state_dict()
     missing = sorted(expected.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - expected.keys())
     mismatched = [
         f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
     ]
     if missing or unexpected or mismatched:
         raise ValueError(

@@ -5,6 +5,7 @@ Every such use in the project runs inside `seeded_host_rngs`, which seeds them, 
 and restores them, all under one lock: replicas that are threads of one process (XLA on CPU)
 would otherwise interleave their draws, and nothing else in the training loop draws from them.
 """
+
 from __future__ import annotations
 
 import random

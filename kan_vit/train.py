@@ -13,6 +13,7 @@ XLA rules, all kept in `train_step` / `evaluate` / `normalize` (harmless under a
 - nothing inside a step reads a device value: log values are read in a step closure (`after_step`) after
   the step's graph ran, evaluation reads its sums once at its end, checkpoints at their boundary.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,7 +27,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from . import checkpoint, kan_health
 from .backend import XlaBackend, current
-from .config import Config, from_dict, save as save_config, to_dict
+from .config import Config, from_dict, to_dict
+from .config import save as save_config
 from .convert import export_flax
 from .data import create_train_loader, create_valid_loader
 from .flax_layout import timm_to_flax
@@ -70,10 +72,16 @@ def build_state(cfg: Config, device: torch.device) -> TrainState:
     optimizer = create_optimizer(model, cfg.optim)  # after .to(device): the optimizer holds device params
     model = current().prepare(model)  # accelerate: DDP (and torch.compile); the same parameters
     zero = lambda dtype: torch.zeros((), dtype=dtype, device=device)  # noqa: E731
-    state = TrainState(model, optimizer, step=zero(torch.int64), loss_sum=zero(torch.float32),
-                       acc_sums=torch.zeros(2, device=device), skipped=zero(torch.int64),
-                       first_bad_step=zero(torch.int64) - 1,
-                       health=kan_health.KanHealth(model, device) if cfg.run.kan_health else None)
+    state = TrainState(
+        model,
+        optimizer,
+        step=zero(torch.int64),
+        loss_sum=zero(torch.float32),
+        acc_sums=torch.zeros(2, device=device),
+        skipped=zero(torch.int64),
+        first_bad_step=zero(torch.int64) - 1,
+        health=kan_health.KanHealth(model, device) if cfg.run.kan_health else None,
+    )
     current().sync()  # the zero state becomes device data: the first update runs the steady graph
     return state
 
@@ -82,8 +90,10 @@ def build_state(cfg: Config, device: torch.device) -> TrainState:
 def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """ImageNet mean/std as (1, 3, 1, 1) device tensors, uploaded once instead of every step."""
     # shaped on the host: a view taken on the device would stay pending and join the first step's graph
-    return (torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1).to(device),
-            torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1).to(device))
+    return (
+        torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1).to(device),
+        torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1).to(device),
+    )
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -144,7 +154,8 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
     state.acc_sums = torch.where(restart, 0.0, state.acc_sums) + acc
     state.skipped = torch.where(restart, 0, state.skipped) + skipped
     state.first_bad_step = torch.where(
-        (state.first_bad_step < 0) & ~torch.isfinite(loss), state.step + 1, state.first_bad_step)
+        (state.first_bad_step < 0) & ~torch.isfinite(loss), state.step + 1, state.first_bad_step
+    )
     if state.health is not None:
         state.health.end_update(restart, lambda value: backend.all_reduce_sum(value) / backend.world_size)
     state.step = state.step + 1
@@ -152,8 +163,21 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
     if state.host_step % cfg.schedule.log_interval == 0 or state.host_step == cfg.schedule.training_steps:
         interval = (state.host_step - 1) % cfg.schedule.log_interval + 1
         health = state.health.tensors() if state.health is not None else None
-        backend.after_step(_log_train, (state, logger, state.host_step, interval, state.loss_sum,
-                                        state.acc_sums, lr, state.skipped, state.first_bad_step, health))
+        backend.after_step(
+            _log_train,
+            (
+                state,
+                logger,
+                state.host_step,
+                interval,
+                state.loss_sum,
+                state.acc_sums,
+                lr,
+                state.skipped,
+                state.first_bad_step,
+                health,
+            ),
+        )
     backend.sync()
 
 
@@ -165,8 +189,13 @@ def _log_train(state, logger, step, interval, loss_sum, acc_sums, lr, skipped, f
         state.diverged_at = first_bad
     if logger is not None:
         acc1, acc5 = (acc_sums.cpu() / interval).tolist()
-        metrics = {"train/loss": float(loss_sum.cpu()) / interval, "train/acc1": acc1, "train/acc5": acc5,
-                   "train/lr": float(lr.cpu()), "data/skipped": int(skipped.cpu())}
+        metrics = {
+            "train/loss": float(loss_sum.cpu()) / interval,
+            "train/acc1": acc1,
+            "train/acc5": acc5,
+            "train/lr": float(lr.cpu()),
+            "data/skipped": int(skipped.cpu()),
+        }
         if health is not None:
             metrics.update(kan_health.metrics(*health, interval))
         logger.train(step, metrics)
@@ -187,15 +216,27 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
         one_hot = F.one_hot(target, cfg.model.labels).float()
         loss = _per_sample_loss(logits, one_hot, cfg.augment.criterion)
         top = logits.topk(min(5, cfg.model.labels), dim=-1).indices == target[:, None]
-        batch = torch.stack([torch.where(valid, loss, 0.0).sum(), (top[:, 0] & valid).sum().float(),
-                             (top.any(-1) & valid).sum().float(), valid.sum().float(), num_skipped.sum().float()])
+        batch = torch.stack(
+            [
+                torch.where(valid, loss, 0.0).sum(),
+                (top[:, 0] & valid).sum().float(),
+                (top.any(-1) & valid).sum().float(),
+                valid.sum().float(),
+                num_skipped.sum().float(),
+            ]
+        )
         sums = batch if sums is None else sums + batch
         backend.sync()
     sums = backend.all_reduce_sum(sums)
     backend.sync()  # read the reduced sums only after their graph ran
     loss_sum, correct1, correct5, count, skipped = sums.cpu().double().tolist()
-    return {"val/loss": loss_sum / count, "val/acc1": correct1 / count, "val/acc5": correct5 / count,
-            "val/count": int(count), "val/skipped": int(skipped)}
+    return {
+        "val/loss": loss_sum / count,
+        "val/acc1": correct1 / count,
+        "val/acc5": correct5 / count,
+        "val/count": int(count),
+        "val/skipped": int(skipped),
+    }
 
 
 def seed_replica(cfg: Config, rank: int) -> None:
@@ -205,6 +246,7 @@ def seed_replica(cfg: Config, rank: int) -> None:
 
 
 # --- The loop ----------------------------------------------------------------------------------
+
 
 def train(cfg: Config) -> dict:
     """Train on this process's device; returns the last evaluation's metrics."""
@@ -221,8 +263,10 @@ def train(cfg: Config) -> dict:
     # A collective: before any RNG state is set.
     steps = [step for (step,) in backend.all_gather_ints([ckpt["step"] if ckpt is not None else 0])]
     if len(set(steps)) > 1:  # e.g. output_dir on each host's local disk: only host 0 sees last.pth
-        raise RuntimeError(f"replicas would resume at different steps {sorted(set(steps))}: put "
-                           "run.output_dir on storage every host sees (or set run.resume=never)")
+        raise RuntimeError(
+            f"replicas would resume at different steps {sorted(set(steps))}: put "
+            "run.output_dir on storage every host sees (or set run.resume=never)"
+        )
     seed_replica(cfg, rank)
     if ckpt is not None:
         checkpoint.restore(state, ckpt, device)
@@ -232,8 +276,9 @@ def train(cfg: Config) -> dict:
 
     start_batch = ckpt["train_batch"] if ckpt is not None else 0  # the stream continues where it stopped
     local = backend.local_process_count  # the loader workers in the config are per host
-    train_loader = backend.device_loader(create_train_loader(
-        cfg, world_size=world_size, rank=rank, start_batch=start_batch, local_replicas=local))
+    train_loader = backend.device_loader(
+        create_train_loader(cfg, world_size=world_size, rank=rank, start_batch=start_batch, local_replicas=local)
+    )
     valid_data, _ = create_valid_loader(cfg, world_size=world_size, rank=rank, local_replicas=local)
     valid_loader = backend.device_loader(valid_data)
     batches = iter(train_loader)
@@ -257,8 +302,10 @@ def train(cfg: Config) -> dict:
         compiles = backend.compile_count()  # logged at every evaluation: a recompiling step shows at once
         logger.eval(state.host_step, metrics if compiles is None else {**metrics, "perf/compiles": compiles})
         if compiles_at_last_eval is not None and compiles > compiles_at_last_eval:
-            logger.info(f"warning: {compiles - compiles_at_last_eval} graph compilations since the last evaluation: "
-                        "a step's graph changed (PT_XLA_DEBUG_LEVEL=2 prints why on XLA)")
+            logger.info(
+                f"warning: {compiles - compiles_at_last_eval} graph compilations since the last evaluation: "
+                "a step's graph changed (PT_XLA_DEBUG_LEVEL=2 prints why on XLA)"
+            )
         compiles_at_last_eval = compiles
         # Evaluate before writing `last` (the original writes it first): every checkpoint then
         # includes its evaluation, so a resumed run repeats exactly what an uninterrupted one does.
@@ -268,7 +315,7 @@ def train(cfg: Config) -> dict:
         if master:  # only the writer copies the model and optimizer state to the host
             ckpt = checkpoint.from_state(state, cfg, metrics, all_rng)
             flax_params = timm_to_flax(ckpt["model"], cfg.model.heads) if cfg.run.export_flax else None
-            for target in ([checkpoint.BEST, checkpoint.LAST] if improved else [checkpoint.LAST]):
+            for target in [checkpoint.BEST, checkpoint.LAST] if improved else [checkpoint.LAST]:
                 checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, target))
                 if flax_params is not None:
                     export_flax(flax_params, cfg, target)
@@ -278,9 +325,11 @@ def train(cfg: Config) -> dict:
 
 
 def _diverged_message(step: int, cfg: Config) -> str:
-    return (f"the training loss is not finite at step {step}; stopping. The last checkpoint in "
-            f"{cfg.run.output_dir} (if any) is from before it and untouched: lower optim.learning_rate "
-            "or raise schedule.warmup_steps / set optim.clip_grad, then rerun to resume")
+    return (
+        f"the training loss is not finite at step {step}; stopping. The last checkpoint in "
+        f"{cfg.run.output_dir} (if any) is from before it and untouched: lower optim.learning_rate "
+        "or raise schedule.warmup_steps / set optim.clip_grad, then rerun to resume"
+    )
 
 
 def _mp_fn(index: int, cfg_dict: dict) -> None:

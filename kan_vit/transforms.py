@@ -2,6 +2,7 @@
 
 Normalisation happens on the device, as in the original, so every transform here ends in uint8.
 """
+
 from __future__ import annotations
 
 from typing import get_args
@@ -72,8 +73,10 @@ def train_transform(cfg) -> T.Compose:
 
 def valid_transform(cfg) -> T.Compose:
     size = cfg.model.image_size
-    return T.Compose([
-        T.Resize(int(size / cfg.augment.test_crop_ratio), interpolation=InterpolationMode.BICUBIC),
-        T.CenterCrop(size),
-        T.PILToTensor(),
-    ])
+    return T.Compose(
+        [
+            T.Resize(int(size / cfg.augment.test_crop_ratio), interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.PILToTensor(),
+        ]
+    )

@@ -11,42 +11,52 @@ Built on timm's `VisionTransformer`; the options below express the original's se
 Ablation switches, all off by default (then neither parameters nor outputs change): per-block
 KAN degrees, a learned input scale before tanh, and the KAN paper's residual base branch.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import List, Optional, Sequence, Union
+from typing import Literal, get_args
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, Mlp, register_notrace_module, resample_abs_pos_embed, trunc_normal_tf_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.nn import functional as F
 
 from .chebykan import ChebyKAN
 
 __all__ = ["KanVisionTransformer", "ChebyKANFeedForward", "sincos2d_position_embedding"]
 
-POSEMB_TYPES = ("learnable", "sincos2d")
-POOLING_TYPES = ("cls", "gap")
-DROP_PATH_SCHEDULES = ("linear", "constant")
+# Option values, declared once (the config schema uses these types)
+Posemb = Literal["learnable", "sincos2d"]
+Pooling = Literal["cls", "gap"]
+DropPathSchedule = Literal["linear", "constant"]
 LAYERSCALE_INIT = 1e-4
 LAYERNORM_EPS = 1e-6
 INIT_STD = 0.02
 
 # timm options that KanVisionTransformer derives from the original's options.
 _DERIVED_TIMM_ARGS = {
-    "class_token": "pooling", "global_pool": "pooling", "fc_norm": "pooling",
-    "no_embed_class": "posemb", "pos_embed": "posemb", "init_values": "layerscale",
-    "mlp_layer": "use_kan", "act_layer": None, "norm_layer": None,
-    "pos_drop_rate": "dropout", "proj_drop_rate": "dropout", "attn_drop_rate": "dropout",
+    "class_token": "pooling",
+    "global_pool": "pooling",
+    "fc_norm": "pooling",
+    "no_embed_class": "posemb",
+    "pos_embed": "posemb",
+    "init_values": "layerscale",
+    "mlp_layer": "use_kan",
+    "act_layer": None,
+    "norm_layer": None,
+    "pos_drop_rate": "dropout",
+    "proj_drop_rate": "dropout",
+    "attn_drop_rate": "dropout",
 }
 
 
 def sincos2d_position_embedding(
-    grid_h: int, grid_w: int, dim: int, dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None
+    grid_h: int, grid_w: int, dim: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None
 ) -> torch.Tensor:
     """The original's fixed table, (grid_h * grid_w, dim), rows in row-major patch order.
 
@@ -79,8 +89,16 @@ class ChebyKANFeedForward(nn.Module):
     without bias (an ablation; the original has none).
     """
 
-    def __init__(self, in_features: int, degree: int = 8, input_scale: bool = False, base_branch: bool = False,
-                 device=None, dtype=None, **mlp_kwargs):
+    def __init__(
+        self,
+        in_features: int,
+        degree: int = 8,
+        input_scale: bool = False,
+        base_branch: bool = False,
+        device=None,
+        dtype=None,
+        **mlp_kwargs,
+    ):
         super().__init__()
         self.kan = ChebyKAN(in_features, in_features, degree, input_scale=input_scale, device=device, dtype=dtype)
         self.base = nn.Linear(in_features, in_features, bias=False, device=device, dtype=dtype) if base_branch else None
@@ -97,7 +115,9 @@ def _per_block_feed_forward(degrees: list, depth: int, kan_options: dict):
     if len(degrees) != depth:
         raise ValueError(f"polynomial_degree lists {len(degrees)} degrees for {depth} blocks: give one per block")
     remaining = iter(degrees)
-    return lambda in_features, **kwargs: ChebyKANFeedForward(in_features, degree=next(remaining), **kan_options, **kwargs)
+    return lambda in_features, **kwargs: ChebyKANFeedForward(
+        in_features, degree=next(remaining), **kan_options, **kwargs
+    )
 
 
 def _checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +149,7 @@ class KanVisionTransformer(VisionTransformer):
     def __init__(
         self,
         use_kan: bool = True,
-        polynomial_degree: Union[int, Sequence[int]] = 8,
+        polynomial_degree: int | Sequence[int] = 8,
         kan_input_scale: bool = False,
         kan_base_branch: bool = False,
         posemb: str = "learnable",
@@ -139,12 +159,14 @@ class KanVisionTransformer(VisionTransformer):
         drop_path_schedule: str = "linear",
         **kwargs,
     ):
-        if posemb not in POSEMB_TYPES:
-            raise ValueError(f"posemb must be one of {POSEMB_TYPES}, got {posemb!r}")
-        if pooling not in POOLING_TYPES:
-            raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {pooling!r}")
-        if drop_path_schedule not in DROP_PATH_SCHEDULES:
-            raise ValueError(f"drop_path_schedule must be one of {DROP_PATH_SCHEDULES}, got {drop_path_schedule!r}")
+        if posemb not in get_args(Posemb):
+            raise ValueError(f"posemb must be one of {get_args(Posemb)}, got {posemb!r}")
+        if pooling not in get_args(Pooling):
+            raise ValueError(f"pooling must be one of {get_args(Pooling)}, got {pooling!r}")
+        if drop_path_schedule not in get_args(DropPathSchedule):
+            raise ValueError(
+                f"drop_path_schedule must be one of {get_args(DropPathSchedule)}, got {drop_path_schedule!r}"
+            )
         global_pool = "token" if pooling == "cls" else "avg"
         if kwargs.get("global_pool") == global_pool:  # timm's exported config.json records it
             del kwargs["global_pool"]
@@ -207,8 +229,10 @@ class KanVisionTransformer(VisionTransformer):
     def group_matcher(self, coarse: bool = False) -> dict:
         """The original's layer ids for layer-wise lr decay: embedding 0, block k -> k + 1, and the
         final norm and head (timm's MATCH_PREV_GROUP, 99999) with the last block, id L."""
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
-                    blocks=[(r"^blocks\.(\d+)", None), (r"^(?:norm|head)\.", (99999,))])
+        return dict(
+            stem=r"^cls_token|^pos_embed|^patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^(?:norm|head)\.", (99999,))],
+        )
 
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm calls this instead of its state-dict loader when the pretrained cfg sets
@@ -231,13 +255,15 @@ class KanVisionTransformer(VisionTransformer):
             pos_embed = sincos2d_position_embedding(grid_h, grid_w, x.shape[-1], x.dtype, x.device)
         elif self.dynamic_img_size:
             pos_embed = resample_abs_pos_embed(
-                self.pos_embed, new_size=(grid_h, grid_w), old_size=self.patch_embed.grid_size,
+                self.pos_embed,
+                new_size=(grid_h, grid_w),
+                old_size=self.patch_embed.grid_size,
                 num_prefix_tokens=0,
             )
         else:
             pos_embed = self.pos_embed
         x = x + pos_embed
-        prefix: List[torch.Tensor] = []
+        prefix: list[torch.Tensor] = []
         if self.cls_token is not None:
             prefix.append(self.cls_token.expand(x.shape[0], -1, -1))
         if self.reg_token is not None:
@@ -247,7 +273,7 @@ class KanVisionTransformer(VisionTransformer):
         return self.pos_drop(x)
 
     def forward_features(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
         """timm's, with grad checkpointing per block by `_checkpoint_block` (torch_xla's on XLA)."""
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
@@ -273,8 +299,12 @@ def checkpoint_filter_fn(state_dict: dict, model: KanVisionTransformer) -> dict:
         # antialiased bicubic (Keys a=-0.5), the same weights as the original's jax.image.resize
         old = int(round(pos_embed.shape[1] ** 0.5))
         state_dict["pos_embed"] = resample_abs_pos_embed(
-            pos_embed, new_size=model.patch_embed.grid_size, old_size=(old, old),
-            num_prefix_tokens=0, interpolation="bicubic", antialias=True,
+            pos_embed,
+            new_size=model.patch_embed.grid_size,
+            old_size=(old, old),
+            num_prefix_tokens=0,
+            interpolation="bicubic",
+            antialias=True,
         )
     head = dict(model.head.named_parameters())
     for key in ("weight", "bias"):
@@ -327,18 +357,21 @@ DEIT3_JAX_HUB_ID = "affjljoo3581/deit3-jax"
 
 
 def _deit3_jax_cfg(size: str) -> dict:
-    return _cfg(hf_hub_id=DEIT3_JAX_HUB_ID, hf_hub_filename=f"deit-{size}16-224-in1k-300ep-best.msgpack",
-                custom_load="hf")
+    return _cfg(
+        hf_hub_id=DEIT3_JAX_HUB_ID, hf_hub_filename=f"deit-{size}16-224-in1k-300ep-best.msgpack", custom_load="hf"
+    )
 
 
-default_cfgs = generate_default_cfgs({
-    "kan_vit_tiny_patch16_224": _cfg(),
-    "kan_vit_small_patch16_224": _cfg(),
-    "kan_vit_base_patch16_224": _cfg(),
-    "deit_jax_tiny_patch16_224.in1k": _deit3_jax_cfg("t"),
-    "deit_jax_small_patch16_224.in1k": _deit3_jax_cfg("s"),
-    "deit_jax_base_patch16_224.in1k": _deit3_jax_cfg("b"),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "kan_vit_tiny_patch16_224": _cfg(),
+        "kan_vit_small_patch16_224": _cfg(),
+        "kan_vit_base_patch16_224": _cfg(),
+        "deit_jax_tiny_patch16_224.in1k": _deit3_jax_cfg("t"),
+        "deit_jax_small_patch16_224.in1k": _deit3_jax_cfg("s"),
+        "deit_jax_base_patch16_224.in1k": _deit3_jax_cfg("b"),
+    }
+)
 
 
 @register_model

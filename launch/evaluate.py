@@ -10,6 +10,7 @@ torch_xla is not installed, else XLA. The checkpoint may be a trainer checkpoint
 position embedding is resized to model.image_size. Prints val/acc1, val/acc5, val/loss and the
 exact number of images evaluated. The same as `kan-vit-eval` (kan_vit/commands.py).
 """
+
 import sys
 
 from kan_vit.commands import evaluate_main

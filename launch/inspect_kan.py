@@ -1,7 +1,8 @@
 """Plot a checkpoint's learned KAN functions and input statistics: see kan_vit/inspect_kan.py.
 
-    python launch/inspect_kan.py CHECKPOINT [--config configs/demo_digits.yaml] --out DIR
+python launch/inspect_kan.py CHECKPOINT [--config configs/demo_digits.yaml] --out DIR
 """
+
 import sys
 
 from kan_vit.inspect_kan import main

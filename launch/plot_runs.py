@@ -1,7 +1,8 @@
 """Training curves of runs side by side: see kan_vit/plot_runs.py.
 
-    python launch/plot_runs.py runs/a runs/b --out curves.png
+python launch/plot_runs.py runs/a runs/b --out curves.png
 """
+
 import sys
 
 from kan_vit.plot_runs import main

@@ -11,6 +11,7 @@ CPU processes, CPU autocast), run.compile torch.compiles the model. The config i
 every process before training; a problem prints one line and exits with status 2. Rerunning the
 same command resumes from run.output_dir/last.pth (run.resume: auto | never | PATH).
 """
+
 import sys
 
 from kan_vit.backend import ACCELERATE

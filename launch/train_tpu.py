@@ -7,6 +7,7 @@ combinations, datasets) is checked before any process starts; a problem prints o
 with status 2. Rerunning the same command resumes from run.output_dir/last.pth (run.resume:
 auto | never | PATH).
 """
+
 import sys
 
 from kan_vit.backend import XLA

@@ -1,4 +1,5 @@
 """Commands and environments for tests that run the accelerate path in real CPU processes."""
+
 import os
 import sys
 
@@ -15,5 +16,12 @@ def without_torch_xla_env(tmp_path) -> dict:
 
 def torchrun(num_processes: int, script: str, *args: str) -> list[str]:
     """`torchrun --standalone --nproc_per_node=N script args...` (CPU processes over gloo)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
-            script, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={num_processes}",
+        script,
+        *args,
+    ]

@@ -1,5 +1,6 @@
 """Kill -9 a training run at its first checkpoint, rerun it, and compare it with an uninterrupted
 run: shared by the one-replica and multi-replica resume tests."""
+
 import os
 import signal
 import subprocess
@@ -16,8 +17,9 @@ def kill_at_first_checkpoint(command: list[str], env: dict, out_dir, total_steps
     """Start `command`, SIGKILL its whole process tree once out_dir/last.pth exists, and return the
     checkpoint's step. The tree, not only the process group: torchrun starts each worker in a
     session of its own."""
-    proc = subprocess.Popen(command, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 240
         while not (out_dir / "last.pth").exists():

@@ -5,6 +5,7 @@ so it shares no code with the PyTorch model or the converter. Everything the arc
 is read off the tree: heads from wq's kernel, K from the coefficients, pooling from cls_token,
 posemb from wpe, layerscale from scale1. Used by the model and converter tests in float64.
 """
+
 from __future__ import annotations
 
 import math
@@ -130,8 +131,10 @@ def random_params(
         layer = {
             "norm1": {"scale": normal(dim, mean=1.0), "bias": normal(dim)},
             "attn": {
-                **{w: {"kernel": normal(dim, heads, head_dim), "bias": normal(heads, head_dim)}
-                   for w in ("wq", "wk", "wv")},
+                **{
+                    w: {"kernel": normal(dim, heads, head_dim), "bias": normal(heads, head_dim)}
+                    for w in ("wq", "wk", "wv")
+                },
                 "wo": {"kernel": normal(heads, head_dim, dim), "bias": normal(dim)},
             },
             "norm2": {"scale": normal(dim, mean=1.0), "bias": normal(dim)},

@@ -8,6 +8,7 @@ Every replica writes what it saw to OUT_DIR/{name}_{rank}.pt; tests/test_backend
 those files with one replica's results. Nothing here averages or reduces in Python: the
 trainer's collectives do.
 """
+
 import hashlib
 import json
 import sys
@@ -22,7 +23,7 @@ from kan_vit.metrics_log import RunLogger
 
 def _shard(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     size = len(tensor) // world_size
-    return tensor[rank * size:(rank + 1) * size]
+    return tensor[rank * size : (rank + 1) * size]
 
 
 def updates(rank: int, cfgs: dict, data_path: str, out: str) -> None:
@@ -34,25 +35,37 @@ def updates(rank: int, cfgs: dict, data_path: str, out: str) -> None:
     state = train.build_state(cfg, device)
     logger = RunLogger(cfg, master=rank == 0, start_step=0)
     skipped = torch.tensor([rank + 1])  # each replica reports its own skip count
-    micro = [(_shard(data["images"], rank, world_size).to(device),
-              _shard(data["targets"], rank, world_size).to(device), skipped.to(device))]
+    micro = [
+        (
+            _shard(data["images"], rank, world_size).to(device),
+            _shard(data["targets"], rank, world_size).to(device),
+            skipped.to(device),
+        )
+    ]
     train.train_step(state, micro, cfg, logger)
     logger.close()
     valid = data["valid_parts"][rank]  # replicas hold different numbers of real images
-    metrics = train.evaluate(state.model, [(valid["images"].to(device), valid["labels"].to(device),
-                                            torch.tensor([0]).to(device))], cfg)
+    metrics = train.evaluate(
+        state.model, [(valid["images"].to(device), valid["labels"].to(device), torch.tensor([0]).to(device))], cfg
+    )
     exact = {k: v.cpu() for k, v in state.model.state_dict().items()}
 
     cfg = from_dict(cfgs["noisy"])
     state = train.build_state(cfg, device)
     train.seed_replica(cfg, rank)  # each replica its own dropout / drop-path masks
-    micro = [(_shard(data["images"], rank, world_size).to(device),
-              _shard(data["targets"], rank, world_size).to(device), torch.tensor([0]).to(device))]
+    micro = [
+        (
+            _shard(data["images"], rank, world_size).to(device),
+            _shard(data["targets"], rank, world_size).to(device),
+            torch.tensor([0]).to(device),
+        )
+    ]
     for _ in range(4):
         train.train_step(state, micro, cfg)
     noisy = {k: v.cpu() for k, v in state.model.state_dict().items()}
-    torch.save({"world_size": world_size, "exact": exact, "metrics": metrics, "noisy": noisy},
-               f"{out}/updates_{rank}.pt")
+    torch.save(
+        {"world_size": world_size, "exact": exact, "metrics": metrics, "noisy": noisy}, f"{out}/updates_{rank}.pt"
+    )
 
 
 def batches(rank: int, cfgs: dict, data_path: str, out: str) -> None:

@@ -7,6 +7,7 @@ Every XLA test here checks its replica count, so none of them can pass with one 
 accelerate: the trainer in real CPU processes (torchrun, gloo), in processes where torch_xla
 cannot be imported: DDP's gradient average, the trainer's collectives, resume and the checkpoint
 format shared with the XLA backend."""
+
 import json
 import os
 import subprocess
@@ -16,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 import torch_xla
+from cpu_processes import torchrun, without_torch_xla_env
+from kill_and_resume import assert_resume_matches_uninterrupted
+from test_train import DEMO, EVALUATE, LAUNCH, ROOT, tiny_overrides
 
 from kan_vit import checkpoint, train
 from kan_vit.config import load, to_dict
 from kan_vit.metrics_log import RunLogger, read_metrics
-from cpu_processes import torchrun, without_torch_xla_env
-from kill_and_resume import assert_resume_matches_uninterrupted
-from test_train import DEMO, EVALUATE, LAUNCH, ROOT, tiny_overrides
 
 JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "replica_jobs.py")
 TRAIN_GPU = os.path.join(ROOT, "launch", "train_gpu.py")
@@ -52,7 +53,7 @@ def _valid_parts(num_replicas: int, generator) -> list[dict]:
     parts = []
     for rank in range(num_replicas):
         labels = torch.full((8,), -1)
-        labels[:2 * rank + 1] = torch.randint(0, CLASSES, (2 * rank + 1,), generator=generator)
+        labels[: 2 * rank + 1] = torch.randint(0, CLASSES, (2 * rank + 1,), generator=generator)
         images = torch.randint(0, 256, (8, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
         parts.append({"images": images, "labels": labels})
     return parts
@@ -69,6 +70,7 @@ def _check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 # --- XLA replicas -------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("num_replicas", [2, 4])
 def test_replicas_with_batch_shares_update_like_one_replica_with_the_whole_batch(tmp_path, num_replicas):
@@ -83,8 +85,16 @@ def test_replicas_with_batch_shares_update_like_one_replica_with_the_whole_batch
     common = tiny_overrides(tmp_path) + ["optim.grad_accum=1", "schedule.log_interval=1"]
     # warmup 0: the first update at the peak lr; adam_eps 1: an update proportional to the gradient
     # (the first Adam update is otherwise about lr * sign(g), which float32 rounding flips for g ~ 0)
-    exact = load(DEMO, common + ["model.droppath=0.0", "schedule.warmup_steps=0", "optim.adam_eps=1.0",
-                                 f"run.output_dir={tmp_path / 'replicas'}"])
+    exact = load(
+        DEMO,
+        common
+        + [
+            "model.droppath=0.0",
+            "schedule.warmup_steps=0",
+            "optim.adam_eps=1.0",
+            f"run.output_dir={tmp_path / 'replicas'}",
+        ],
+    )
     noisy = load(DEMO, common + ["model.droppath=0.1", "model.dropout=0.1", "model.layers=2"])
     (tmp_path / "replicas").mkdir()
     replicas = _run_job("updates", {"exact": exact, "noisy": noisy}, tmp_path / "data.pt", tmp_path, num_replicas)
@@ -104,10 +114,15 @@ def test_replicas_with_batch_shares_update_like_one_replica_with_the_whole_batch
     assert logged["data/skipped"] == sum(range(1, num_replicas + 1))  # each replica reported rank + 1
 
     real = [p["labels"] >= 0 for p in parts]
-    whole = [(torch.cat([p["images"][m] for p, m in zip(parts, real)]).to(device),
-              torch.cat([p["labels"][m] for p, m in zip(parts, real)]).to(device), torch.tensor([0]).to(device))]
+    whole = [
+        (
+            torch.cat([p["images"][m] for p, m in zip(parts, real)]).to(device),
+            torch.cat([p["labels"][m] for p, m in zip(parts, real)]).to(device),
+            torch.tensor([0]).to(device),
+        )
+    ]
     want = train.evaluate(state.model, whole, exact)
-    assert replicas[0]["metrics"]["val/count"] == want["val/count"] == num_replicas ** 2
+    assert replicas[0]["metrics"]["val/count"] == want["val/count"] == num_replicas**2
     for key in ("val/acc1", "val/acc5", "val/loss"):
         assert replicas[0]["metrics"][key] == pytest.approx(want[key], rel=1e-6), key
 
@@ -120,8 +135,17 @@ def test_replicas_with_batch_shares_update_like_one_replica_with_the_whole_batch
 def test_repeated_copies_of_an_image_go_to_different_replicas(tmp_path):
     """augment_repeats=2 on 2 replicas: the two copies of each image sit at the same batch position
     on the two replicas, so each replica sees every image once."""
-    cfg = load(DEMO, tiny_overrides(tmp_path) + ["augment.augment_repeats=2", "augment.random_crop=none",
-                                                 "augment.mixup=0.0", "augment.cutmix=0.0", "optim.grad_accum=1"])
+    cfg = load(
+        DEMO,
+        tiny_overrides(tmp_path)
+        + [
+            "augment.augment_repeats=2",
+            "augment.random_crop=none",
+            "augment.mixup=0.0",
+            "augment.cutmix=0.0",
+            "optim.grad_accum=1",
+        ],
+    )
     first, second = (r["seen"] for r in _run_job("batches", {"data": cfg}, "-", tmp_path, 2))
     assert first == second and len(first) == BATCH  # 2 batches of 16 / 2 replicas
     assert len({image for image, _ in first}) == BATCH
@@ -135,8 +159,13 @@ def _launch(overrides: list[str], num_replicas: int):
 @pytest.mark.slow
 def test_two_replicas_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
     def overrides(out):
-        return tiny_overrides(out) + ["schedule.training_steps=24", "schedule.eval_interval=8",
-                                      "schedule.log_interval=4", "model.dropout=0.1", "model.droppath=0.1"]
+        return tiny_overrides(out) + [
+            "schedule.training_steps=24",
+            "schedule.eval_interval=8",
+            "schedule.log_interval=4",
+            "model.dropout=0.1",
+            "model.droppath=0.1",
+        ]
 
     assert_resume_matches_uninterrupted(lambda out: _launch(overrides(out), 2)[0], _replica_env(2), tmp_path, 24)
     assert len(checkpoint.load(str(tmp_path / "broken" / "last.pth"))["rng"]) == 2
@@ -155,6 +184,7 @@ def test_resuming_with_another_replica_count_is_a_clear_error(tmp_path):
 
 # --- accelerate processes ----------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_two_processes_with_batch_halves_update_like_one_process_with_the_whole_batch(tmp_path):
     """One update: parameters to 1e-6 (DDP's gradient mean); the logged loss is the mean and
@@ -166,8 +196,10 @@ def test_two_processes_with_batch_halves_update_like_one_process_with_the_whole_
     targets = torch.softmax(torch.randn(BATCH, CLASSES, generator=generator), -1)
     parts = _valid_parts(2, generator)  # 1 + 3 real images
     real = [p["labels"] >= 0 for p in parts]
-    whole = {"images": torch.cat([p["images"][m] for p, m in zip(parts, real)]),
-             "labels": torch.cat([p["labels"][m] for p, m in zip(parts, real)])}
+    whole = {
+        "images": torch.cat([p["images"][m] for p, m in zip(parts, real)]),
+        "labels": torch.cat([p["labels"][m] for p, m in zip(parts, real)]),
+    }
     common = tiny_overrides(tmp_path) + ["optim.grad_accum=1", "schedule.log_interval=1"]
     # warmup 0 and adam_eps 1: see the same test for XLA replicas above
     exact = common + ["model.droppath=0.0", "schedule.warmup_steps=0", "optim.adam_eps=1.0"]
@@ -195,8 +227,17 @@ def test_two_processes_with_batch_halves_update_like_one_process_with_the_whole_
 @pytest.mark.slow
 def test_repeated_copies_of_an_image_go_to_different_processes(tmp_path):
     """As for XLA replicas: augment_repeats=2 on 2 processes, each process sees every image once."""
-    cfg = load(DEMO, tiny_overrides(tmp_path) + ["augment.augment_repeats=2", "augment.random_crop=none",
-                                                 "augment.mixup=0.0", "augment.cutmix=0.0", "optim.grad_accum=1"])
+    cfg = load(
+        DEMO,
+        tiny_overrides(tmp_path)
+        + [
+            "augment.augment_repeats=2",
+            "augment.random_crop=none",
+            "augment.mixup=0.0",
+            "augment.cutmix=0.0",
+            "optim.grad_accum=1",
+        ],
+    )
     first, second = (r["seen"] for r in _run_job("batches", {"data": cfg}, "-", tmp_path, 2, accelerate=True))
     assert first == second and len(first) == BATCH
     assert len({image for image, _ in first}) == BATCH
@@ -208,8 +249,15 @@ def test_two_process_demo_learns_and_both_backends_evaluate_its_checkpoint(tmp_p
     accelerate (2 processes) and through XLA (the checkpoint format is shared)."""
     out = tmp_path / "run"
     env = without_torch_xla_env(tmp_path)
-    _check(subprocess.run(torchrun(2, TRAIN_GPU, *_args([f"run.output_dir={out}"])), env=env,
-                          capture_output=True, text=True, timeout=600))
+    _check(
+        subprocess.run(
+            torchrun(2, TRAIN_GPU, *_args([f"run.output_dir={out}"])),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     evals = [r for r in read_metrics(str(out / "metrics.jsonl")) if "val/acc1" in r]
     assert [r["step"] for r in evals] == [200, 400, 600]
     assert evals[-1]["val/acc1"] >= 0.90 and evals[-1]["val/count"] == 360
@@ -218,11 +266,16 @@ def test_two_process_demo_learns_and_both_backends_evaluate_its_checkpoint(tmp_p
     assert not any(key.startswith("module.") for key in best["model"])
 
     args = [EVALUATE, "--config", str(out / "config.yaml"), "--checkpoint", str(out / "best.pth")]
-    runs = {"accelerate": (torchrun(2, *args), env),
-            "xla": ([sys.executable, *args, "--backend", "xla"], dict(os.environ, PJRT_DEVICE="CPU"))}
+    runs = {
+        "accelerate": (torchrun(2, *args), env),
+        "xla": ([sys.executable, *args, "--backend", "xla"], dict(os.environ, PJRT_DEVICE="CPU")),
+    }
     for name, (command, run_env) in runs.items():
-        got = json.loads(_check(subprocess.run(command, env=run_env, capture_output=True, text=True,
-                                               timeout=300)).stdout.strip().splitlines()[-1])
+        got = json.loads(
+            _check(subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=300))
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         assert got["val/count"] == 360, name
         for key in ("val/acc1", "val/acc5", "val/loss"):
             assert got[key] == pytest.approx(best["metrics"][key], abs=1e-5), (name, key)
@@ -231,13 +284,20 @@ def test_two_process_demo_learns_and_both_backends_evaluate_its_checkpoint(tmp_p
 @pytest.mark.slow
 def test_two_processes_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
     """Dropout and drop-path: the per-process RNG states matter; one loader worker per process."""
-    def overrides(out):
-        return tiny_overrides(out) + ["schedule.training_steps=24", "schedule.eval_interval=8",
-                                      "schedule.log_interval=4", "model.dropout=0.1", "model.droppath=0.1",
-                                      "data.train_loader_workers=2"]
 
-    assert_resume_matches_uninterrupted(lambda out: torchrun(2, TRAIN_GPU, *_args(overrides(out))),
-                                        without_torch_xla_env(tmp_path), tmp_path, 24)
+    def overrides(out):
+        return tiny_overrides(out) + [
+            "schedule.training_steps=24",
+            "schedule.eval_interval=8",
+            "schedule.log_interval=4",
+            "model.dropout=0.1",
+            "model.droppath=0.1",
+            "data.train_loader_workers=2",
+        ]
+
+    assert_resume_matches_uninterrupted(
+        lambda out: torchrun(2, TRAIN_GPU, *_args(overrides(out))), without_torch_xla_env(tmp_path), tmp_path, 24
+    )
     assert len(checkpoint.load(str(tmp_path / "broken" / "last.pth"))["rng"]) == 2
 
 
@@ -245,8 +305,15 @@ def test_two_processes_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
 def test_bf16_on_cpu_processes_trains_with_finite_losses(tmp_path):
     """run.bf16 on CPU processes: accelerate's CPU autocast (bfloat16)."""
     overrides = tiny_overrides(tmp_path) + ["run.bf16=true", "schedule.training_steps=6", "schedule.log_interval=2"]
-    _check(subprocess.run([sys.executable, TRAIN_GPU, *_args(overrides)], env=without_torch_xla_env(tmp_path),
-                          capture_output=True, text=True, timeout=300))
+    _check(
+        subprocess.run(
+            [sys.executable, TRAIN_GPU, *_args(overrides)],
+            env=without_torch_xla_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
     losses = [r["train/loss"] for r in read_metrics(str(tmp_path / "metrics.jsonl")) if "train/loss" in r]
     assert len(losses) == 3 and np.isfinite(losses).all()
     last = checkpoint.load(str(tmp_path / "last.pth"))
@@ -257,8 +324,13 @@ def test_bf16_on_cpu_processes_trains_with_finite_losses(tmp_path):
 def test_an_xla_checkpoint_does_not_resume_on_accelerate(tmp_path):
     """Device RNG states do not carry over between backends: a clear error that names the way out."""
     train.train(load(DEMO, tiny_overrides(tmp_path) + ["schedule.training_steps=2", "schedule.warmup_steps=1"]))
-    result = subprocess.run([sys.executable, TRAIN_GPU, *_args(tiny_overrides(tmp_path))],
-                            env=without_torch_xla_env(tmp_path), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, TRAIN_GPU, *_args(tiny_overrides(tmp_path))],
+        env=without_torch_xla_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("config error: ") and "written on xla, this run is on accelerate" in result.stderr
     assert "model.pretrained_ckpt=PATH and run.resume=never" in result.stderr
@@ -271,10 +343,21 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path):
     runs = {}
     for compiled in (False, True):
         out = tmp_path / str(compiled)
-        overrides = tiny_overrides(out) + [f"run.compile={str(compiled).lower()}", "schedule.training_steps=4",
-                                           "model.droppath=0.0", "schedule.log_interval=1"]
-        _check(subprocess.run([sys.executable, TRAIN_GPU, *_args(overrides)], env=without_torch_xla_env(tmp_path),
-                              capture_output=True, text=True, timeout=600))
+        overrides = tiny_overrides(out) + [
+            f"run.compile={str(compiled).lower()}",
+            "schedule.training_steps=4",
+            "model.droppath=0.0",
+            "schedule.log_interval=1",
+        ]
+        _check(
+            subprocess.run(
+                [sys.executable, TRAIN_GPU, *_args(overrides)],
+                env=without_torch_xla_env(tmp_path),
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+        )
         runs[compiled] = checkpoint.load(str(out / "last.pth"))
         evals = [r for r in read_metrics(str(out / "metrics.jsonl")) if "val/acc1" in r]
         # the compile count is logged for a compiled model only: at least its train and eval graphs

@@ -3,6 +3,7 @@
 The memory-efficient autograd Function: exact against the einsum reference, saves only its input
 for backward, keeps dtypes (float64 end to end, bf16 autocast with an fp32 basis), and runs under
 torch_xla."""
+
 from math import comb
 
 import numpy as np
@@ -18,9 +19,7 @@ def numpy_cheby_kan(x: np.ndarray, coef: np.ndarray) -> np.ndarray:
     out = np.zeros(x.shape[:-1] + (coef.shape[1],))
     for k in range(coef.shape[-1]):
         # T_k(t) = sum_m (-1)^m C(k, 2m) t^(k-2m) (1 - t^2)^m  (Chebyshev's explicit formula)
-        tk = sum(
-            (-1) ** m * comb(k, 2 * m) * t ** (k - 2 * m) * (1 - t**2) ** m for m in range(k // 2 + 1)
-        )
+        tk = sum((-1) ** m * comb(k, 2 * m) * t ** (k - 2 * m) * (1 - t**2) ** m for m in range(k // 2 + 1))
         out += np.einsum("...i,ij->...j", tk, coef[:, :, k])
     return out
 
@@ -109,6 +108,7 @@ def test_dtypes(dtype):
 
 
 # --- the memory-efficient autograd Function ---------------------------------------------------
+
 
 def _inputs(dtype, degree=8, shape=(2, 5, 7), d_out=6, seed=0):
     gen = torch.Generator().manual_seed(seed)

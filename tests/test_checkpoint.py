@@ -1,5 +1,6 @@
 """Checkpoint files: atomic writes (a failure at any point of a write leaves the previous file
 intact), weights_only-loadable contents, and which checkpoint a run resumes from."""
+
 import os
 
 import pytest
@@ -25,11 +26,14 @@ def _failing(*args, **kwargs):
     raise OSError("simulated failure")
 
 
-@pytest.mark.parametrize("target, replacement", [
-    (torch, ("save", _truncating_save)),  # mid-serialisation
-    (os, ("fsync", _failing)),  # data written, not yet durable
-    (os, ("replace", _failing)),  # complete temp file, rename fails
-])
+@pytest.mark.parametrize(
+    "target, replacement",
+    [
+        (torch, ("save", _truncating_save)),  # mid-serialisation
+        (os, ("fsync", _failing)),  # data written, not yet durable
+        (os, ("replace", _failing)),  # complete temp file, rename fails
+    ],
+)
 def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch, target, replacement):
     path = str(tmp_path / "last.pth")
     checkpoint.save(_ckpt(1.0), path)

@@ -4,6 +4,7 @@ bad input and failed writes.
 Fixtures are written by the real `flax.serialization`; converted models are checked against the
 independent NumPy forward pass (tests/numpy_reference.py) in float64.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,11 @@ import pytest
 import timm
 import torch
 from flax import serialization
+from numpy_reference import forward as reference_forward
+from numpy_reference import random_params
 
 from kan_vit import flax_msgpack
 from kan_vit.convert import main
-from numpy_reference import forward as reference_forward
-from numpy_reference import random_params
 
 SMALL = dict(layers=2, dim=16, heads=2, patch=4, grid=3)
 IMAGE_SIZE = 12  # grid 3 x patch 4
@@ -62,22 +63,26 @@ def _images(n=3):
 
 # --- conversion against the NumPy reference ----------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cli_flax_to_timm_to_flax(variant, tmp_path, capsys):
     params = random_params(seed=3, **SMALL, **VARIANTS[variant])
     src = _write_flax(tmp_path / "orig.msgpack", params)
     suffix = ".pth" if variant == "mlp" else ".safetensors"
     out = tmp_path / f"converted{suffix}"
-    assert main([str(src), str(out), "--image-size", str(IMAGE_SIZE)] if "sincos" in variant
-                else [str(src), str(out)]) == 0
+    assert (
+        main([str(src), str(out), "--image-size", str(IMAGE_SIZE)] if "sincos" in variant else [str(src), str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     n_params = sum(v.size for v in _leaves(params).values())
     assert f"Parameters: {n_params:,}" in printed and str(out) in printed
 
     sidecar = json.loads(out.with_suffix(".json").read_text())
     # strict loading: a missing or unexpected key raises here
-    model = timm.create_model(sidecar["model"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(out)), **sidecar["model_args"])
+    model = timm.create_model(
+        sidecar["model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(out)), **sidecar["model_args"]
+    )
     logits = model.double().eval()(torch.from_numpy(_images())).detach().numpy()
     assert np.abs(logits - reference_forward(params, _images())).max() <= 1e-6
 
@@ -119,8 +124,9 @@ def test_exclude_head(tmp_path):
     assert main([str(src), str(out), "--exclude-head"]) == 0
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["model_args"]["num_classes"] == 0
-    model = timm.create_model(sidecar["model"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(out)), **sidecar["model_args"])
+    model = timm.create_model(
+        sidecar["model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(out)), **sidecar["model_args"]
+    )
     features = model.double().eval()(torch.from_numpy(_images())).detach().numpy()
     del params["model"]["head"]
     assert np.abs(features - reference_forward(params, _images())).max() <= 1e-6
@@ -145,8 +151,20 @@ def test_chunked_flax_file(tmp_path, monkeypatch):
 
 def test_timm_vit_folds_class_position_embedding(tmp_path, capsys):
     """timm's own ViT layout (position embedding on the class token) from a .pth state dict."""
-    model = timm.create_model("vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=4, embed_dim=16,
-                              depth=2, num_heads=2, num_classes=5, act_layer="gelu_tanh").double().eval()
+    model = (
+        timm.create_model(
+            "vit_tiny_patch16_224",
+            img_size=IMAGE_SIZE,
+            patch_size=4,
+            embed_dim=16,
+            depth=2,
+            num_heads=2,
+            num_classes=5,
+            act_layer="gelu_tanh",
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         model.pos_embed.normal_(std=0.5)
         model.cls_token.normal_(std=0.5)
@@ -168,6 +186,7 @@ def test_timm_vit_folds_class_position_embedding(tmp_path, capsys):
 
 
 # --- bad input -------------------------------------------------------------------------------
+
 
 def _tree_missing_key():
     params = random_params(seed=6, **SMALL, degree=3)
@@ -191,13 +210,16 @@ def _tree_no_model():
     return {"params": random_params(seed=6, **SMALL, degree=3)["model"]}
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: b"this is not msgpack", "not a msgpack file"),
-    (_tree_missing_key, "missing keys ['norm/scale']"),
-    (_tree_unexpected_key, "unexpected keys ['layer_1/extra']"),
-    (_tree_mixed_degrees, "layer_1/ff/ChebyKAN_0/coefficients is (16, 16, 6)"),
-    (_tree_no_model, "'model' is missing"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: b"this is not msgpack", "not a msgpack file"),
+        (_tree_missing_key, "missing keys ['norm/scale']"),
+        (_tree_unexpected_key, "unexpected keys ['layer_1/extra']"),
+        (_tree_mixed_degrees, "layer_1/ff/ChebyKAN_0/coefficients is (16, 16, 6)"),
+        (_tree_no_model, "'model' is missing"),
+    ],
+)
 def test_bad_flax_input(make, message, tmp_path, capsys):
     made = make()
     src = tmp_path / "bad.msgpack"

@@ -1,5 +1,6 @@
 """Data pipeline: mixup/cutmix targets, repeated augmentation across replicas,
 sharding, exact validation counts, bit-exact resume, bad data, dataset errors."""
+
 import io
 import math
 import os
@@ -77,6 +78,7 @@ def _ids(loader, batches):
 
 
 # ---------------------------------------------------------------- targets, mixup, cutmix
+
 
 def _mix_cfg(mixup, cutmix, criterion="ce", smoothing=0.1, labels=16):
     cfg = Config()
@@ -158,11 +160,13 @@ def test_mixup_cutmix_switch_and_beta_lambda():
 
 # ---------------------------------------------------------------- train stream
 
+
 @pytest.mark.parametrize("world_size", [6, 4])
 def test_repeated_copies_land_on_different_replicas(unique_shards, world_size):
     repeats, per_replica, batches = 3, 4, 10
-    cfg = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=world_size, per_replica=per_replica,
-                     repeats=repeats)
+    cfg = _plain_cfg(
+        unique_shards, labels=SHARDS * PER_SHARD, world_size=world_size, per_replica=per_replica, repeats=repeats
+    )
     ids = [_ids(data.create_train_loader(cfg, world_size=world_size, rank=r), batches)[0] for r in range(world_size)]
     for rank_ids in ids:
         assert len(set(rank_ids)) == len(rank_ids)  # never two copies on one replica
@@ -213,6 +217,7 @@ def test_resume_from_start_batch_is_bit_exact(demo_dir, workers):
 
 # ---------------------------------------------------------------- validation
 
+
 @pytest.mark.parametrize("world_size,workers", [(5, 0), (3, 2)])
 def test_valid_counts_every_sample_once(unique_shards, world_size, workers):
     cfg = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=world_size, per_replica=9, workers=workers)
@@ -238,7 +243,8 @@ def test_valid_demo_and_imagefolder_counts(demo_dir, tmp_path):
     loader, n = data.create_valid_loader(cfg, world_size=1, rank=0)
     labels = torch.cat([b[1] for b in loader])
     assert n == 360 and sorted(labels[labels != -1].tolist()) == sorted(
-        sum((_tar_labels(p) for p in data.expand_urls(data.prepare_demo_digits(demo_dir)[1])), []))
+        sum((_tar_labels(p) for p in data.expand_urls(data.prepare_demo_digits(demo_dir)[1])), [])
+    )
     for cls, count in (("a", 3), ("b", 3)):
         os.makedirs(tmp_path / cls)
         for i in range(count):
@@ -258,14 +264,27 @@ def test_valid_demo_and_imagefolder_counts(demo_dir, tmp_path):
 
 # ---------------------------------------------------------------- bad data
 
+
 @pytest.fixture
 def bad_shard(tmp_path):
     """Records in order: g0, garbage jpg, g1, truncated jpg, g2, jpg without cls, g3, truncated tar member."""
     good = [_jpeg(np.full((8, 8, 3), 30 * i)) for i in range(4)]
-    members = [("g0.jpg", good[0]), ("g0.cls", b"0"), ("b1.jpg", b"\xff\xd8garbage"), ("b1.cls", b"1"),
-               ("g1.jpg", good[1]), ("g1.cls", b"1"), ("b2.jpg", good[2][:len(good[2]) // 2]), ("b2.cls", b"2"),
-               ("g2.jpg", good[2]), ("g2.cls", b"2"), ("b3.jpg", good[3]), ("g3.jpg", good[3]), ("g3.cls", b"3"),
-               ("z.jpg", good[0])]
+    members = [
+        ("g0.jpg", good[0]),
+        ("g0.cls", b"0"),
+        ("b1.jpg", b"\xff\xd8garbage"),
+        ("b1.cls", b"1"),
+        ("g1.jpg", good[1]),
+        ("g1.cls", b"1"),
+        ("b2.jpg", good[2][: len(good[2]) // 2]),
+        ("b2.cls", b"2"),
+        ("g2.jpg", good[2]),
+        ("g2.cls", b"2"),
+        ("b3.jpg", good[3]),
+        ("g3.jpg", good[3]),
+        ("g3.cls", b"3"),
+        ("z.jpg", good[0]),
+    ]
     path = tmp_path / "bad.tar"
     _write_tar(path, members)
     with tarfile.open(path) as tar:
@@ -299,6 +318,7 @@ def test_bad_samples_are_skipped_and_counted(bad_shard, monkeypatch):
 
 
 # ---------------------------------------------------------------- dataset errors
+
 
 def test_check_dataset_errors(tmp_path, unique_shards):
     cfg = Config()
@@ -355,8 +375,9 @@ def test_pipe_urls_read_like_local_paths(unique_shards):
     local = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=2, per_replica=8)
     piped = _plain_cfg("pipe:cat " + unique_shards, labels=SHARDS * PER_SHARD, world_size=2, per_replica=8)
     data.check_dataset(piped)
-    assert _ids(data.create_train_loader(piped, world_size=2, rank=1), 4) == \
-        _ids(data.create_train_loader(local, world_size=2, rank=1), 4)
+    assert _ids(data.create_train_loader(piped, world_size=2, rank=1), 4) == _ids(
+        data.create_train_loader(local, world_size=2, rank=1), 4
+    )
     loader, n = data.create_valid_loader(piped, world_size=2, rank=0)
     labels = torch.cat([b[1] for b in loader])
     assert n == SHARDS * PER_SHARD // 2 and int((labels != -1).sum()) == n
@@ -384,8 +405,9 @@ def test_loaders_start_workers_under_spawn(unique_shards):
     cfg = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=2, per_replica=4)
     train = data.create_train_loader(cfg, world_size=2, rank=1)
     valid, _ = data.create_valid_loader(cfg, world_size=2, rank=1)
-    spawned = torch.utils.data.DataLoader(train.dataset, batch_size=None, num_workers=1,
-                                          multiprocessing_context="spawn")
+    spawned = torch.utils.data.DataLoader(
+        train.dataset, batch_size=None, num_workers=1, multiprocessing_context="spawn"
+    )
     want, got = next(iter(train)), next(iter(spawned))
     assert all(torch.equal(w, g) for w, g in zip(want, got))
     pickle.dumps(valid.dataset)

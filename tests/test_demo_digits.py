@@ -1,5 +1,6 @@
 """The embedded demo: shards written once (also by concurrent replicas) and reused, stratified,
 RGB 32 x 32; an incomplete cache is refused with the fix."""
+
 import io
 import os
 import tarfile

@@ -1,11 +1,12 @@
 """The Flax <-> timm mapping: registered names for the published sizes, and the timm layouts the
 original cannot express refused (or warned about) with the reason. The conversions themselves are
 checked against the NumPy reference through the converter in tests/test_convert.py."""
+
 import pytest
 import timm
+from numpy_reference import random_params
 
 from kan_vit.flax_layout import ConvertError, check_timm_semantics, flax_to_timm, timm_to_flax
-from numpy_reference import random_params
 
 IMAGE_SIZE = 12  # grid 3 x patch 4
 
@@ -29,11 +30,20 @@ def test_timm_semantics_checks():
 
 
 def test_timm_to_flax_rejects_other_layouts():
-    model = timm.create_model("vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=4, embed_dim=16,
-                              depth=1, num_heads=2, reg_tokens=1)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=4, embed_dim=16, depth=1, num_heads=2, reg_tokens=1
+    )
     with pytest.raises(ConvertError, match="pos_embed has 11 positions"):
         timm_to_flax(model.state_dict(), num_heads=2)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=IMAGE_SIZE, patch_size=4, embed_dim=16,
-                              depth=1, num_heads=2, reg_tokens=1, no_embed_class=True)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=IMAGE_SIZE,
+        patch_size=4,
+        embed_dim=16,
+        depth=1,
+        num_heads=2,
+        reg_tokens=1,
+        no_embed_class=True,
+    )
     with pytest.raises(ConvertError, match="unexpected keys \\['reg_token'\\]"):
         timm_to_flax(model.state_dict(), num_heads=2)

@@ -1,5 +1,6 @@
 """The original's checkpoint format without JAX: bytes equal to flax.serialization's, plain and
 chunked, and what it restores equal to Flax's."""
+
 import io
 
 import numpy as np
@@ -49,8 +50,9 @@ def test_reader_matches_flax_restore(chunk, monkeypatch):
     data = serialization.msgpack_serialize(tree)
     ours, theirs = flax_msgpack.restore(data), serialization.msgpack_restore(data)
     assert ours.keys() == theirs.keys()
-    assert {k: ours[k] for k in ("step", "lr", "name", "flag", "none")} == \
-        {k: theirs[k] for k in ("step", "lr", "name", "flag", "none")}
+    assert {k: ours[k] for k in ("step", "lr", "name", "flag", "none")} == {
+        k: theirs[k] for k in ("step", "lr", "name", "flag", "none")
+    }
     for key in ("b", "scalar", "zero_d"):
         assert type(ours["model"][key]) is type(theirs["model"][key])
         assert ours["model"][key].dtype == theirs["model"][key].dtype

@@ -1,5 +1,6 @@
 """kan-vit-inspect: the drawn functions against NumPy's cos(k arccos t), real checkpoint files in
 every format the project reads, the validation statistics, and one-line errors."""
+
 import json
 import os
 import subprocess
@@ -53,15 +54,20 @@ def test_drawn_functions_equal_numpy_chebyshev_cosines(switches):
         drawn = [ax for ax in fig.axes if ax.get_visible() and ax.lines]
         assert len(drawn) == 6
         norms = np.linalg.norm(c[:, :, 1:], axis=-1)
-        assert sorted(norms.ravel())[-6:] == sorted(norms[tuple(map(int, ax.get_title().split(" -> ")))] for ax in drawn)
+        assert sorted(norms.ravel())[-6:] == sorted(
+            norms[tuple(map(int, ax.get_title().split(" -> ")))] for ax in drawn
+        )
         for ax in drawn:
             i, j = map(int, ax.get_title().split(" -> "))
             line_x, line_y = ax.lines[0].get_data()
             np.testing.assert_array_equal(line_x, x.numpy())
             np.testing.assert_allclose(line_y, _numpy_phi(c, scale, base, i, j, line_x), rtol=1e-9, atol=1e-12)
         slope, i, j = layer.max_slope(x)
-        grid_slopes = [np.abs(np.diff(_numpy_phi(c, scale, base, a, b, x.numpy())) / np.diff(x.numpy())).max()
-                       for a in range(32) for b in range(32)]
+        grid_slopes = [
+            np.abs(np.diff(_numpy_phi(c, scale, base, a, b, x.numpy())) / np.diff(x.numpy())).max()
+            for a in range(32)
+            for b in range(32)
+        ]
         assert slope == pytest.approx(max(grid_slopes), rel=1e-9)
 
 
@@ -100,7 +106,11 @@ def test_input_statistics_equal_numpy_on_the_hooked_inputs():
     x = np.concatenate([a.reshape(-1, 32) for a in seen])
     s = model.blocks[1].mlp.kan.input_scale.detach().numpy()
     got = stats.layer(1)
-    assert got["inputs"] == x.size and got["input_min"] == pytest.approx(x.min()) and got["input_max"] == pytest.approx(x.max())
+    assert (
+        got["inputs"] == x.size
+        and got["input_min"] == pytest.approx(x.min())
+        and got["input_max"] == pytest.approx(x.max())
+    )
     assert got["frac_abs_gt_2"] == pytest.approx(np.mean(np.abs(x * s) > 2))
     assert got["frac_abs_gt_3.47"] == pytest.approx(np.mean(np.abs(x * s) > SATURATION))
 
@@ -110,9 +120,23 @@ def test_launcher_with_the_demo_validation_data(tmp_path):
     path = tmp_path / "demo.pth"
     torch.save(_model().state_dict(), path)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "inspect_kan.py"), str(path), "--config", DEMO,
-                             *[a for s in SMALL for a in ("--set", s)], "--out", str(out), "--max-batches", "1"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "launch", "inspect_kan.py"),
+            str(path),
+            "--config",
+            DEMO,
+            *[a for s in SMALL for a in ("--set", s)],
+            "--out",
+            str(out),
+            "--max-batches",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     layer = json.loads((out / "summary.json").read_text())["layers"][0]
     assert layer["inputs"] == 120 * 16 * 32  # one batch of 120 images, 16 patches (gap pooling: no class token), dim 32

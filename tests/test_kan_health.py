@@ -1,18 +1,19 @@
 """run.kan_health: the logged saturation fractions, coefficient norms and gradient norm against
 NumPy recomputations from the hooked KAN inputs and the parameters, and no recompilation."""
+
 import numpy as np
 import pytest
 import torch
 import torch_xla
 import torch_xla.debug.metrics as met
 import torch_xla.distributed.parallel_loader as pl
+from test_train import DEMO, tiny_overrides
 
 from kan_vit import train
 from kan_vit.chebykan import ChebyKAN
 from kan_vit.config import load
 from kan_vit.data import create_train_loader
 from kan_vit.metrics_log import RunLogger, read_metrics
-from test_train import DEMO, tiny_overrides
 
 BF16_ONE_BELOW = 1 - 2**-8  # the largest bfloat16 below 1
 
@@ -67,8 +68,9 @@ def test_logged_health_equals_a_numpy_recomputation_from_hooked_inputs(tmp_path)
         logged = [record[f"kan/saturated_frac/layer_{i}"] for i in range(len(layers))]
         np.testing.assert_allclose(logged, expected, rtol=1e-6, atol=1e-7)
         assert record["train/grad_norm"] == pytest.approx(np.mean(grad_norms[interval]), rel=1e-4)
-    assert any(f > 0 for r in records for k, f in r.items() if k.startswith("kan/saturated_frac")), \
+    assert any(f > 0 for r in records for k, f in r.items() if k.startswith("kan/saturated_frac")), (
         "no saturated input at all: the comparison would not test the threshold"
+    )
     coefficients = [layer.coefficients.detach().cpu().numpy().astype(np.float64) for layer in layers]
     expected_norms = np.sqrt(sum((c**2).sum((0, 1)) for c in coefficients))  # after the last update
     logged_norms = [records[-1][f"kan/coef_norm_by_degree/{k}"] for k in range(len(expected_norms))]

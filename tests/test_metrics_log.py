@@ -1,13 +1,14 @@
 """The run's logs: metrics.jsonl rewritten atomically on resume, and wandb runs continued on resume."""
+
 import json
 import os
 
 import pytest
+from test_train import DEMO, tiny_overrides
 
 from kan_vit import metrics_log
 from kan_vit.config import Config, load
 from kan_vit.metrics_log import RunLogger
-from test_train import DEMO, tiny_overrides
 
 
 def test_interrupted_metrics_truncation_keeps_the_log(tmp_path, monkeypatch):

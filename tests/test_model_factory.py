@@ -1,5 +1,6 @@
 """The model a config describes: with the ablation switches off it is the original's to the bit
 (outputs written before the switches existed), and the trainer's drop-path schedule is constant."""
+
 import hashlib
 import os
 
@@ -51,7 +52,17 @@ def test_switches_off_leave_parameters_keys_and_outputs_bit_identical():
 
 
 def test_trainer_builds_the_constant_drop_path_schedule():
-    cfg = load(None, ["model.labels=5", "model.layers=3", "model.dim=32", "model.heads=2", "model.droppath=0.2",
-                      "model.image_size=32", "model.use_kan=true"])
+    cfg = load(
+        None,
+        [
+            "model.labels=5",
+            "model.layers=3",
+            "model.dim=32",
+            "model.heads=2",
+            "model.droppath=0.2",
+            "model.image_size=32",
+            "model.use_kan=true",
+        ],
+    )
     model = build_model(cfg)
     assert [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in model.blocks] == [(0.2, 0.2)] * 3

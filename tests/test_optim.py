@@ -1,5 +1,6 @@
 """Optimization (docs/original.md, "Training") against closed forms written out here in NumPy / math,
 and the XLA step: no recompiles or CPU fallbacks when the lr changes."""
+
 import math
 import os
 
@@ -28,13 +29,15 @@ def group_of(groups):
     return {id(p): g for g in groups for p in g["params"]}
 
 
-@pytest.mark.parametrize("name,ff_kernels", [
-    ("kan_vit_tiny_patch16_224", ()),
-    ("deit_jax_tiny_patch16_224", ("mlp.fc1.weight", "mlp.fc2.weight")),
-])
+@pytest.mark.parametrize(
+    "name,ff_kernels",
+    [
+        ("kan_vit_tiny_patch16_224", ()),
+        ("deit_jax_tiny_patch16_224", ("mlp.fc1.weight", "mlp.fc2.weight")),
+    ],
+)
 def test_decay_mask_is_linear_and_conv_weights_only(name, ff_kernels):
-    model = timm.create_model(name, depth=3, img_size=32, embed_dim=32, num_heads=2, num_classes=5,
-                              layerscale=True)
+    model = timm.create_model(name, depth=3, img_size=32, embed_dim=32, num_heads=2, num_classes=5, layerscale=True)
     expected = {"patch_embed.proj.weight", "head.weight"} | {
         f"blocks.{k}.{n}" for k in range(3) for n in ("attn.qkv.weight", "attn.proj.weight", *ff_kernels)
     }
@@ -52,10 +55,19 @@ def test_layer_decay_factors_toy_vit():
     model = toy_vit()
     by_id = group_of(param_groups(model, weight_decay=0.05, lr_decay=0.5))
     # L = 3: embedding 0.5**3, blocks.k 0.5**(3 - (k + 1)), final norm and head 0.5**0
-    expected = {"cls_token": 0.125, "pos_embed": 0.125, "patch_embed.proj.weight": 0.125,
-                "patch_embed.proj.bias": 0.125, "blocks.0.attn.qkv.weight": 0.25,
-                "blocks.0.mlp.kan.coefficients": 0.25, "blocks.1.norm1.bias": 0.5,
-                "blocks.2.attn.proj.weight": 1.0, "norm.weight": 1.0, "head.weight": 1.0, "head.bias": 1.0}
+    expected = {
+        "cls_token": 0.125,
+        "pos_embed": 0.125,
+        "patch_embed.proj.weight": 0.125,
+        "patch_embed.proj.bias": 0.125,
+        "blocks.0.attn.qkv.weight": 0.25,
+        "blocks.0.mlp.kan.coefficients": 0.25,
+        "blocks.1.norm1.bias": 0.5,
+        "blocks.2.attn.proj.weight": 1.0,
+        "norm.weight": 1.0,
+        "head.weight": 1.0,
+        "head.bias": 1.0,
+    }
     scales = {n: by_id[id(p)]["lr_scale"] for n, p in model.named_parameters()}
     assert {n: scales[n] for n in expected} == expected
     assert {s for n, s in scales.items() if n.startswith("blocks.1.")} == {0.5}
@@ -65,8 +77,9 @@ def test_layer_decay_factors_toy_vit():
 def test_timm_create_optimizer_v2_gives_the_trainers_groups(name, layerscale):
     """timm's own factory, through no_weight_decay() and group_matcher(), builds the same
     (lr_scale, weight_decay) partition of the parameters as the trainer."""
-    model = timm.create_model(name, depth=3, img_size=32, embed_dim=32, num_heads=2, num_classes=5,
-                              layerscale=layerscale)
+    model = timm.create_model(
+        name, depth=3, img_size=32, embed_dim=32, num_heads=2, num_classes=5, layerscale=layerscale
+    )
 
     def merged(groups):  # {(lr_scale, weight_decay): param ids}; timm may split a pair over groups
         out = {}
@@ -98,18 +111,29 @@ def test_timm_create_optimizer_v2_gives_the_trainers_groups(name, layerscale):
 
 # timm name (after "blocks.k.") -> the original's leaf names under model/layer_k (or model/)
 ORIGINAL_LEAVES = {
-    "patch_embed.proj.weight": ["embed/wte/kernel"], "patch_embed.proj.bias": ["embed/wte/bias"],
-    "pos_embed": ["embed/wpe"], "cls_token": ["embed/cls_token"],
-    "norm1.weight": ["norm1/scale"], "norm1.bias": ["norm1/bias"],
+    "patch_embed.proj.weight": ["embed/wte/kernel"],
+    "patch_embed.proj.bias": ["embed/wte/bias"],
+    "pos_embed": ["embed/wpe"],
+    "cls_token": ["embed/cls_token"],
+    "norm1.weight": ["norm1/scale"],
+    "norm1.bias": ["norm1/bias"],
     "attn.qkv.weight": ["attn/wq/kernel", "attn/wk/kernel", "attn/wv/kernel"],
     "attn.qkv.bias": ["attn/wq/bias", "attn/wk/bias", "attn/wv/bias"],
-    "attn.proj.weight": ["attn/wo/kernel"], "attn.proj.bias": ["attn/wo/bias"],
-    "ls1.gamma": ["scale1"], "ls2.gamma": ["scale2"], "norm2.weight": ["norm2/scale"], "norm2.bias": ["norm2/bias"],
+    "attn.proj.weight": ["attn/wo/kernel"],
+    "attn.proj.bias": ["attn/wo/bias"],
+    "ls1.gamma": ["scale1"],
+    "ls2.gamma": ["scale2"],
+    "norm2.weight": ["norm2/scale"],
+    "norm2.bias": ["norm2/bias"],
     "mlp.kan.coefficients": ["ff/ChebyKAN_0/coefficients"],
-    "mlp.fc1.weight": ["ff/w1/kernel"], "mlp.fc1.bias": ["ff/w1/bias"],
-    "mlp.fc2.weight": ["ff/w2/kernel"], "mlp.fc2.bias": ["ff/w2/bias"],
-    "norm.weight": ["norm/scale"], "norm.bias": ["norm/bias"],
-    "head.weight": ["head/kernel"], "head.bias": ["head/bias"],
+    "mlp.fc1.weight": ["ff/w1/kernel"],
+    "mlp.fc1.bias": ["ff/w1/bias"],
+    "mlp.fc2.weight": ["ff/w2/kernel"],
+    "mlp.fc2.bias": ["ff/w2/bias"],
+    "norm.weight": ["norm/scale"],
+    "norm.bias": ["norm/bias"],
+    "head.weight": ["head/kernel"],
+    "head.bias": ["head/bias"],
 }
 
 
@@ -126,7 +150,7 @@ def original_leaves(name):
 def _rows(array, part):
     i, n = part
     size = array.shape[0] // n
-    return array[i * size:(i + 1) * size]
+    return array[i * size : (i + 1) * size]
 
 
 def original_lr(count, peak, warmup, total):
@@ -150,20 +174,20 @@ class OriginalOptimizer:
     def layer(self, path):
         part = path.split("/")[1]
         if part.startswith("layer_"):
-            return int(part[len("layer_"):]) + 1
+            return int(part[len("layer_") :]) + 1
         return 0 if part == "embed" else self.num_layers
 
     def update(self, grads):
         c, t = self.cfg, self.count + 1
         if c.clip_grad > 0:  # optax.clip_by_global_norm
-            norm = math.sqrt(sum(float((g ** 2).sum()) for g in grads.values()))
+            norm = math.sqrt(sum(float((g**2).sum()) for g in grads.values()))
             if norm >= c.clip_grad:
                 grads = {k: g / norm * c.clip_grad for k, g in grads.items()}
         lr = float(original_lr(self.count, *self.schedule))
         for k, g in grads.items():
             self.m[k] = c.adam_b1 * self.m[k] + (1 - c.adam_b1) * g
             self.v[k] = c.adam_b2 * self.v[k] + (1 - c.adam_b2) * g * g
-            u = (self.m[k] / (1 - c.adam_b1 ** t)) / (np.sqrt(self.v[k] / (1 - c.adam_b2 ** t)) + c.adam_eps)
+            u = (self.m[k] / (1 - c.adam_b1**t)) / (np.sqrt(self.v[k] / (1 - c.adam_b2**t)) + c.adam_eps)
             kernel = k.endswith("/kernel")
             if kernel:
                 u = u + c.weight_decay * self.p[k]
@@ -174,31 +198,46 @@ class OriginalOptimizer:
         self.count += 1
 
 
-@pytest.mark.parametrize("name,optim", [
-    ("kan_vit_tiny_patch16_224", dict(optimizer="adamw", lr_decay=0.75, clip_grad=1.0)),
-    ("kan_vit_tiny_patch16_224", dict(optimizer="lamb", lr_decay=0.75, clip_grad=1.0)),
-    ("kan_vit_tiny_patch16_224", dict(optimizer="lamb", weight_decay=0.0)),  # trust ratio still on kernels
-    ("deit_jax_tiny_patch16_224", dict(optimizer="adamw", lr_decay=0.5)),
-    ("deit_jax_tiny_patch16_224", dict(optimizer="lamb", lr_decay=0.5)),
-    ("kan_vit_tiny_patch16_224", dict(optimizer="adamw", lr_decay=0.75, clip_grad=1.0, xla_adamw=True)),
-])
+@pytest.mark.parametrize(
+    "name,optim",
+    [
+        ("kan_vit_tiny_patch16_224", dict(optimizer="adamw", lr_decay=0.75, clip_grad=1.0)),
+        ("kan_vit_tiny_patch16_224", dict(optimizer="lamb", lr_decay=0.75, clip_grad=1.0)),
+        ("kan_vit_tiny_patch16_224", dict(optimizer="lamb", weight_decay=0.0)),  # trust ratio still on kernels
+        ("deit_jax_tiny_patch16_224", dict(optimizer="adamw", lr_decay=0.5)),
+        ("deit_jax_tiny_patch16_224", dict(optimizer="lamb", lr_decay=0.5)),
+        ("kan_vit_tiny_patch16_224", dict(optimizer="adamw", lr_decay=0.75, clip_grad=1.0, xla_adamw=True)),
+    ],
+)
 def test_ten_updates_match_the_original_optax_chain_float64(name, optim):
     """`xla_adamw`: the AdamW that create_optimizer picks for XLA devices, run on the CPU."""
     optim = dict(optim)
     xla_adamw = optim.pop("xla_adamw", False)
     steps, schedule = 10, (1e-2, 3, 8)  # warmup 3 of 8 updates: warmup, cosine and the 1e-5 tail
     cfg = OptimConfig(**{"weight_decay": 0.1, **optim})
-    model = timm.create_model(name, depth=2, img_size=16, patch_size=8, embed_dim=16, num_heads=2, num_classes=5,
-                              polynomial_degree=2, layerscale=name.startswith("deit")).double()
+    model = timm.create_model(
+        name,
+        depth=2,
+        img_size=16,
+        patch_size=8,
+        embed_dim=16,
+        num_heads=2,
+        num_classes=5,
+        polynomial_degree=2,
+        layerscale=name.startswith("deit"),
+    ).double()
     rng = np.random.default_rng(0)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             p.copy_(torch.from_numpy(rng.normal(0.0, 0.3, p.shape)))
         model.head.weight.zero_()  # LAMB: a zero weight norm keeps the ratio at 1
     leaves = {n: original_leaves(n) for n, _ in model.named_parameters()}
     reference = OriginalOptimizer(
         {path: _rows(p.detach().numpy(), part).copy() for n, p in model.named_parameters() for path, part in leaves[n]},
-        cfg, num_layers=2, schedule=schedule)
+        cfg,
+        num_layers=2,
+        schedule=schedule,
+    )
     opt = create_optimizer(model, cfg)
     if xla_adamw:
         opt = GroupStepAdamW(opt.param_groups)
@@ -215,22 +254,26 @@ def test_ten_updates_match_the_original_optax_chain_float64(name, optim):
         reference.update({path: _rows(grads[n], part) for n in grads for path, part in leaves[n]})
     for n, p in model.named_parameters():
         for path, part in leaves[n]:
-            np.testing.assert_allclose(_rows(p.detach().numpy(), part), reference.p[path], rtol=0, atol=1e-6,
-                                       err_msg=path)
+            np.testing.assert_allclose(
+                _rows(p.detach().numpy(), part), reference.p[path], rtol=0, atol=1e-6, err_msg=path
+            )
 
 
 PEAK, WARMUP, TOTAL = 1e-3, 10, 110
 
 
-@pytest.mark.parametrize("step,expected", [
-    (0, 1e-6),
-    (5, 1e-6 + (PEAK - 1e-6) * 0.5),
-    (10, PEAK),
-    (60, 1e-5 + (PEAK - 1e-5) * 0.5),  # cos(pi / 2) = 0
-    (85, 1e-5 + (PEAK - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.75))),
-    (110, 1e-5),
-    (500, 1e-5),
-])
+@pytest.mark.parametrize(
+    "step,expected",
+    [
+        (0, 1e-6),
+        (5, 1e-6 + (PEAK - 1e-6) * 0.5),
+        (10, PEAK),
+        (60, 1e-5 + (PEAK - 1e-5) * 0.5),  # cos(pi / 2) = 0
+        (85, 1e-5 + (PEAK - 1e-5) * 0.5 * (1 + math.cos(math.pi * 0.75))),
+        (110, 1e-5),
+        (500, 1e-5),
+    ],
+)
 def test_schedule_values(step, expected):
     assert lr_at(step, PEAK, WARMUP, TOTAL) == pytest.approx(expected, rel=1e-12)
     as_tensor = lr_at(torch.tensor(step), PEAK, WARMUP, TOTAL)
@@ -245,8 +288,16 @@ def test_schedule_without_warmup_starts_at_peak():
 
 def _train(device, name, steps, on_step=None):
     torch.manual_seed(0)
-    model = timm.create_model("kan_vit_tiny_patch16_224", depth=1, img_size=16, patch_size=8, embed_dim=16,
-                              num_heads=2, num_classes=3, polynomial_degree=2).to(device)
+    model = timm.create_model(
+        "kan_vit_tiny_patch16_224",
+        depth=1,
+        img_size=16,
+        patch_size=8,
+        embed_dim=16,
+        num_heads=2,
+        num_classes=3,
+        polynomial_degree=2,
+    ).to(device)
     opt = create_optimizer(model, OptimConfig(optimizer=name, lr_decay=0.7))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 16, 16, generator=gen).to(device)
@@ -288,7 +339,7 @@ def test_xla_lr_changes_add_no_compilation_or_fallback(name):
         got, want = p.detach().cpu(), reference[n].detach()
         if n.endswith("attn.qkv.bias"):
             dim = got.shape[0] // 3
-            got, want = torch.cat([got[:dim], got[2 * dim:]]), torch.cat([want[:dim], want[2 * dim:]])
+            got, want = torch.cat([got[:dim], got[2 * dim :]]), torch.cat([want[:dim], want[2 * dim :]])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=n)
 
 
@@ -303,8 +354,9 @@ def test_xla_lamb_compiles_no_more_than_adamw_when_bias_corrections_saturate():
     for name in ("adamw", "lamb"):
         torch.manual_seed(0)
         device = torch_xla.device()
-        model = timm.create_model("deit_jax_tiny_patch16_224", depth=1, img_size=8, patch_size=4, embed_dim=8,
-                                  num_heads=2, num_classes=3).to(device)
+        model = timm.create_model(
+            "deit_jax_tiny_patch16_224", depth=1, img_size=8, patch_size=4, embed_dim=8, num_heads=2, num_classes=3
+        ).to(device)
         opt = create_optimizer(model, OptimConfig(optimizer=name, adam_b1=0.5, adam_b2=0.5))
         set_lr(opt, torch.tensor(1e-3, device=device))
         x, y = torch.randn(2, 3, 8, 8).to(device), torch.tensor([0, 2]).to(device)
@@ -324,10 +376,12 @@ def test_xla_lamb_compiles_no_more_than_adamw_when_bias_corrections_saturate():
 def test_xla_adamw_continues_a_torch_adamw_state_and_matches_its_updates():
     """GroupStepAdamW (one step count per group) against torch.optim.AdamW: 3 updates of torch's,
     its state_dict loaded (per-param counts), 3 more updates of either: the same parameters."""
+
     def model_and_groups():
         torch.manual_seed(0)
-        model = timm.create_model("deit_jax_tiny_patch16_224", depth=1, img_size=8, patch_size=4, embed_dim=8,
-                                  num_heads=2, num_classes=3).double()
+        model = timm.create_model(
+            "deit_jax_tiny_patch16_224", depth=1, img_size=8, patch_size=4, embed_dim=8, num_heads=2, num_classes=3
+        ).double()
         return model, param_groups(model, weight_decay=0.1, lr_decay=0.8)
 
     def update(model, opt, seed):
@@ -361,7 +415,11 @@ def test_kan_weight_decay_adds_exactly_the_coefficients_to_the_decayed_params():
     names = {id(p): n for n, p in model.named_parameters()}
 
     def decayed(**kwargs):
-        return {names[id(p)] for g in param_groups(model, 0.05, 1.0, **kwargs) if g["weight_decay"] > 0
-                for p in g["params"]}
+        return {
+            names[id(p)] for g in param_groups(model, 0.05, 1.0, **kwargs) if g["weight_decay"] > 0 for p in g["params"]
+        }
 
-    assert decayed(kan_weight_decay=True) - decayed() == {"blocks.0.mlp.kan.coefficients", "blocks.1.mlp.kan.coefficients"}
+    assert decayed(kan_weight_decay=True) - decayed() == {
+        "blocks.0.mlp.kan.coefficients",
+        "blocks.1.mlp.kan.coefficients",
+    }

@@ -1,11 +1,13 @@
 """The package's metadata and its split into core dependencies and extras."""
+
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
-import kan_vit
+import tomllib
 from numpy_reference import random_params
+
+import kan_vit
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING_ONLY = ("torch_xla", "webdataset", "wandb", "accelerate", "sklearn", "tqdm", "matplotlib")
@@ -56,8 +58,12 @@ def test_model_and_converter_need_only_the_core_dependencies(tmp_path):
     src = tmp_path / "tiny.msgpack"
     src.write_bytes(msgpack_serialize(random_params(seed=1)))
     paths = [str(src), str(tmp_path / "tiny.safetensors"), str(tmp_path / "back.msgpack")]
-    result = subprocess.run([sys.executable, "-c", CORE_ONLY_SCRIPT, ",".join(TRAINING_ONLY), *paths],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", CORE_ONLY_SCRIPT, ",".join(TRAINING_ONLY), *paths],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "core ok: []" in result.stdout
     assert (tmp_path / "back.msgpack").read_bytes() == src.read_bytes()
@@ -86,8 +92,12 @@ def test_sources_cite_only_documents_in_the_repository():
 
     outside = re.compile("original" + r"-semantics|\u00a7\d|\bissue\s*#?\d+", re.IGNORECASE)
     sources = [p for folder in ("kan_vit", "tests", "launch", "benchmarks") for p in (ROOT / folder).rglob("*.py")]
-    cited = [f"{p.relative_to(ROOT)}:{n}" for p in sources
-             for n, line in enumerate(p.read_text().splitlines(), 1) if outside.search(line)]
+    cited = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in sources
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if outside.search(line)
+    ]
     assert not cited
     for path in sources:
         for section in re.findall(r'docs/original\.md, "([^"]+)"', path.read_text()):

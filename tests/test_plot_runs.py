@@ -1,5 +1,6 @@
 """kan-vit-plot: the drawn curves are the metrics.jsonl values of each run, written by the
 trainer's RunLogger; a directory without metrics exits 2 and writes nothing."""
+
 import math
 import os
 
@@ -20,8 +21,16 @@ def _logged_run(run_dir, decay):
     os.makedirs(run_dir)
     logger = RunLogger(cfg, master=True, start_step=0)
     for step in range(10, 41, 10):
-        logger.train(step, {"train/loss": 2.3 * math.exp(-decay * step), "train/acc1": 0.1, "train/acc5": 0.5,
-                            "train/lr": 1e-3 * step / 40, "data/skipped": 0})
+        logger.train(
+            step,
+            {
+                "train/loss": 2.3 * math.exp(-decay * step),
+                "train/acc1": 0.1,
+                "train/acc5": 0.5,
+                "train/lr": 1e-3 * step / 40,
+                "data/skipped": 0,
+            },
+        )
         if step % 20 == 0:
             logger.eval(step, {"val/loss": 1.0, "val/acc1": 1 - math.exp(-decay * step), "val/count": 360})
     logger.close()

@@ -1,4 +1,5 @@
 """Fine-tuning starts (docs/original.md, "Fine-tuning"): position-embedding resize, head re-init, label mapping."""
+
 import json
 
 import jax
@@ -7,16 +8,15 @@ import pytest
 import timm
 import torch
 from flax.serialization import msgpack_serialize
+from numpy_reference import random_params
 
 import kan_vit  # noqa: F401
 from kan_vit.config import ModelConfig
 from kan_vit.pretrained import load_pretrained
-from numpy_reference import random_params
 
 # checkpoint: 3x3 grid (12px, patch 4), 5 classes; fine-tune: 4x4 grid (16px), 7 classes
 ARCH = dict(layers=2, dim=16, heads=2, patch=4, degree=3)
-MODEL_ARGS = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, polynomial_degree=3,
-                  num_classes=7)
+MODEL_ARGS = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, polynomial_degree=3, num_classes=7)
 
 
 @pytest.fixture
@@ -45,7 +45,8 @@ def test_msgpack_other_size_and_classes(msgpack_ckpt):
     np.testing.assert_array_equal(model.cls_token.detach().numpy(), params["model"]["embed"]["cls_token"])
     np.testing.assert_array_equal(
         model.blocks[1].mlp.kan.coefficients.detach().numpy(),
-        params["model"]["layer_1"]["ff"]["ChebyKAN_0"]["coefficients"])
+        params["model"]["layer_1"]["ff"]["ChebyKAN_0"]["coefficients"],
+    )
 
 
 def test_label_mapping(msgpack_ckpt, tmp_path):
@@ -91,18 +92,22 @@ def test_mismatched_architecture_is_named(msgpack_ckpt):
         load_pretrained(model, ModelConfig(pretrained_ckpt=str(path), image_size=16))
 
 
-@pytest.mark.parametrize("content,match", [
-    ('{"src": [0, 1], "dst": [0]}', "src has 2 entries, dst 1"),
-    ('{"source": [0]}', "expected a JSON file"),
-    ('{"src": [9], "dst": [0]}', r"src ids \[9\] are outside \[0, 5\)"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('{"src": [0, 1], "dst": [0]}', "src has 2 entries, dst 1"),
+        ('{"source": [0]}', "expected a JSON file"),
+        ('{"src": [9], "dst": [0]}', r"src ids \[9\] are outside \[0, 5\)"),
+    ],
+)
 def test_bad_label_mapping(msgpack_ckpt, tmp_path, content, match):
     _, path = msgpack_ckpt
     mapping = tmp_path / "mapping.json"
     mapping.write_text(content)
     with pytest.raises(ValueError, match=match):
-        load_pretrained(fine_tune_model(), ModelConfig(
-            pretrained_ckpt=str(path), label_mapping=str(mapping), image_size=16))
+        load_pretrained(
+            fine_tune_model(), ModelConfig(pretrained_ckpt=str(path), label_mapping=str(mapping), image_size=16)
+        )
 
 
 def test_missing_file():

@@ -1,5 +1,6 @@
 """The trainer on CPU PJRT (the same torch_xla code as on TPU): graph stability, gradient
 accumulation, data-parallel equivalence under SPMD, and a short real run of the demo."""
+
 import json
 import os
 import subprocess
@@ -11,13 +12,13 @@ import torch
 import torch_xla
 import torch_xla.debug.metrics as met
 import torch_xla.distributed.parallel_loader as pl
+from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
 
 from kan_vit import checkpoint, train
 from kan_vit.config import load, to_dict
 from kan_vit.data import create_train_loader, create_valid_loader
 from kan_vit.metrics_log import RunLogger, read_metrics
 from kan_vit.model_factory import build_model
-from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
 from kan_vit.optim import lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +30,25 @@ EVALUATE = os.path.join(ROOT, "launch", "evaluate.py")
 def tiny_overrides(output_dir) -> list[str]:
     """The demo data with a one-layer KAN-ViT, mixup and cutmix both on, 2 micro-batches per update."""
     return [
-        "data.train_batch_size=16", "data.valid_batch_size=120", "data.train_loader_workers=0",
-        "data.valid_loader_workers=0", "augment.random_crop=rrc", "augment.mixup=0.8", "augment.cutmix=1.0",
-        "model.layers=1", "model.dim=32", "model.heads=2", "model.polynomial_degree=3", "model.droppath=0.1",
-        "optim.grad_accum=2", "optim.clip_grad=1.0", "schedule.warmup_steps=3", "schedule.training_steps=20",
-        "schedule.log_interval=3", "schedule.eval_interval=0", f"run.output_dir={output_dir}",
+        "data.train_batch_size=16",
+        "data.valid_batch_size=120",
+        "data.train_loader_workers=0",
+        "data.valid_loader_workers=0",
+        "augment.random_crop=rrc",
+        "augment.mixup=0.8",
+        "augment.cutmix=1.0",
+        "model.layers=1",
+        "model.dim=32",
+        "model.heads=2",
+        "model.polynomial_degree=3",
+        "model.droppath=0.1",
+        "optim.grad_accum=2",
+        "optim.clip_grad=1.0",
+        "schedule.warmup_steps=3",
+        "schedule.training_steps=20",
+        "schedule.log_interval=3",
+        "schedule.eval_interval=0",
+        f"run.output_dir={output_dir}",
     ]
 
 
@@ -71,8 +86,9 @@ def test_no_recompilation_or_cpu_fallback_after_the_first_steps(tmp_path):
 @pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
 def test_the_first_update_compiles_the_only_update_graph(tmp_path, optimizer):
     """The optimizer state exists before the first update, so it traces the steady update's graph."""
-    cfg = load(DEMO, tiny_overrides(tmp_path) + ["optim.grad_accum=1", "model.droppath=0.0",
-                                                 f"optim.optimizer={optimizer}"])
+    cfg = load(
+        DEMO, tiny_overrides(tmp_path) + ["optim.grad_accum=1", "model.droppath=0.0", f"optim.optimizer={optimizer}"]
+    )
     device = torch_xla.device()
     state = train.build_state(cfg, device)
     images, targets, _ = _fixed_batch(cfg.data.train_batch_size, cfg.model.labels, cfg.model.image_size)
@@ -95,8 +111,9 @@ def _fixed_batch(n, labels, size, seed=0):
 
 
 def _deterministic_cfg(tmp_path, accum):
-    return load(DEMO, tiny_overrides(tmp_path) + [f"optim.grad_accum={accum}", "model.droppath=0.0",
-                                                 "data.train_batch_size=16"])
+    return load(
+        DEMO, tiny_overrides(tmp_path) + [f"optim.grad_accum={accum}", "model.droppath=0.0", "data.train_batch_size=16"]
+    )
 
 
 @pytest.mark.slow
@@ -182,8 +199,19 @@ def test_data_parallel_over_4_devices_matches_one_device(tmp_path):
     labels[-3:] = -1  # evaluation padding must be excluded on every shard
     torch.save({"images": images, "targets": targets, "labels": labels}, tmp_path / "batch.pt")
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4")
-    subprocess.run([sys.executable, "-c", SPMD_SCRIPT, json.dumps(to_dict(cfg)), str(tmp_path / "batch.pt"),
-                    str(tmp_path / "spmd.pt")], check=True, env=env, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SPMD_SCRIPT,
+            json.dumps(to_dict(cfg)),
+            str(tmp_path / "batch.pt"),
+            str(tmp_path / "spmd.pt"),
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     spmd = torch.load(tmp_path / "spmd.pt")
     assert spmd["devices"] == 4
 
@@ -202,8 +230,14 @@ def test_data_parallel_over_4_devices_matches_one_device(tmp_path):
     assert round(metrics["val/acc1"] * 13) == pytest.approx(metrics["val/acc1"] * 13, abs=1e-6)
 
 
-DEMO_SHORT = ["schedule.training_steps=60", "schedule.eval_interval=30", "schedule.log_interval=10",
-              "data.train_loader_workers=1", "data.valid_loader_workers=0", "run.export_flax=true"]
+DEMO_SHORT = [
+    "schedule.training_steps=60",
+    "schedule.eval_interval=30",
+    "schedule.log_interval=10",
+    "data.train_loader_workers=1",
+    "data.valid_loader_workers=0",
+    "run.export_flax=true",
+]
 
 
 @pytest.mark.slow
@@ -212,8 +246,13 @@ def test_demo_short_run_learns_and_writes_its_files(tmp_path):
     out = tmp_path / "run"
     overrides = [f"run.output_dir={out}"] + DEMO_SHORT
     env = dict(os.environ, PJRT_DEVICE="CPU")
-    result = subprocess.run([sys.executable, LAUNCH, "--config", DEMO] + [a for o in overrides for a in ("--set", o)],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, LAUNCH, "--config", DEMO] + [a for o in overrides for a in ("--set", o)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(str(out / "metrics.jsonl"))
     losses = [r["train/loss"] for r in records if "train/loss" in r]
@@ -239,13 +278,19 @@ def test_demo_short_run_learns_and_writes_its_files(tmp_path):
     assert (out / "demo_digits-best.msgpack").exists()
     images = np.random.default_rng(0).standard_normal((2, 3, 32, 32))
     model = model.double().eval()
-    np.testing.assert_allclose(model(torch.from_numpy(images)).detach().numpy(),
-                               reference_forward(params, images), atol=1e-6)
+    np.testing.assert_allclose(
+        model(torch.from_numpy(images)).detach().numpy(), reference_forward(params, images), atol=1e-6
+    )
 
     # launch/evaluate.py reproduces the run's own evaluation from best.pth and from the .msgpack
     for ckpt, want in ((out / "best.pth", best["metrics"]), (out / "demo_digits-last.msgpack", last["metrics"])):
-        result = subprocess.run([sys.executable, EVALUATE, "--config", str(out / "config.yaml"),
-                                 "--checkpoint", str(ckpt)], capture_output=True, text=True, timeout=300, env=env)
+        result = subprocess.run(
+            [sys.executable, EVALUATE, "--config", str(out / "config.yaml"), "--checkpoint", str(ckpt)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         got = json.loads(result.stdout.strip().splitlines()[-1])
         assert got["val/count"] == 360
@@ -254,8 +299,13 @@ def test_demo_short_run_learns_and_writes_its_files(tmp_path):
 
 
 def _resume_overrides(out):
-    return tiny_overrides(out) + ["schedule.training_steps=32", "schedule.eval_interval=8", "schedule.log_interval=4",
-                                  "model.layers=2", "model.dropout=0.1"]  # dropout: the RNG restore matters
+    return tiny_overrides(out) + [
+        "schedule.training_steps=32",
+        "schedule.eval_interval=8",
+        "schedule.log_interval=4",
+        "model.layers=2",
+        "model.dropout=0.1",
+    ]  # dropout: the RNG restore matters
 
 
 @pytest.mark.slow
@@ -273,8 +323,11 @@ def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path):
 def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """From update 10 (0-based index 9) the lr is inf: update 10's loss is still finite, the
     parameters it writes are not, so update 11 is the first with a non-finite loss."""
-    cfg = load(DEMO, tiny_overrides(tmp_path) + ["schedule.training_steps=40", "schedule.eval_interval=8",
-                                                 "schedule.log_interval=4"])
+    cfg = load(
+        DEMO,
+        tiny_overrides(tmp_path)
+        + ["schedule.training_steps=40", "schedule.eval_interval=8", "schedule.log_interval=4"],
+    )
     schedule = train.lr_at
     monkeypatch.setattr(train, "lr_at", lambda step, *a: torch.where(step >= 9, float("inf"), schedule(step, *a)))
     with pytest.raises(train.DivergenceError, match=r"not finite at step 11; stopping"):

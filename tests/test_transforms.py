@@ -1,5 +1,6 @@
 """Image transforms against the original: random erasing's noise fill and probability, the fill
 colour and AugMix translation reaching timm's ops, posterize to 0 bits, the validation crop."""
+
 import math
 
 import numpy as np
@@ -78,12 +79,13 @@ def test_valid_transform_matches_pil_resize_and_centre_crop():
     short = int(24 / 0.875)  # 27
     resized = np.asarray(image.resize((int(short * 60 / 40), short), Image.BICUBIC))
     top, left = round((short - 24) / 2), round((resized.shape[1] - 24) / 2)
-    expected = resized[top:top + 24, left:left + 24].transpose(2, 0, 1)
+    expected = resized[top : top + 24, left : left + 24].transpose(2, 0, 1)
     np.testing.assert_array_equal(valid_transform(cfg)(image).numpy(), expected)
 
 
-@pytest.mark.parametrize("crop,policy", [("rrc", "rand-m9-mstd0.5-inc1"), ("src", "augmix-m5-w3"),
-                                         ("none", "original"), ("none", "none")])
+@pytest.mark.parametrize(
+    "crop,policy", [("rrc", "rand-m9-mstd0.5-inc1"), ("src", "augmix-m5-w3"), ("none", "original"), ("none", "none")]
+)
 def test_train_transform_variants_give_uint8_chw(crop, policy):
     cfg = Config()
     cfg.model.image_size = 24

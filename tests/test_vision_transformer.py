@@ -2,6 +2,7 @@
 the ablation switches; then the registered models wherever PyTorch users take a model: timm's
 model-test checks that apply to ViTs (forward, backward, default cfg, features, intermediates, fx,
 TorchScript), then torch.compile and torch.export, each checked against eager."""
+
 import math
 import os
 import subprocess
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 import timm
 import torch
+from numpy_reference import forward as reference_forward
+from numpy_reference import random_params
 from timm.models._features_fx import FeatureGraphNet, create_feature_extractor, get_graph_node_names
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
@@ -21,8 +24,6 @@ from kan_vit import ChebyKAN
 from kan_vit.config import load
 from kan_vit.flax_layout import flax_to_timm
 from kan_vit.model_factory import build_model
-from numpy_reference import forward as reference_forward
-from numpy_reference import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")
@@ -32,8 +33,9 @@ MLP_MODELS = ["deit_jax_tiny_patch16_224", "deit_jax_small_patch16_224", "deit_j
 SMALL = dict(img_size=32, depth=2, num_classes=7)
 
 
-def expected_param_count(dim, layers=12, patch=16, grid=14, labels=1000, degree=None,
-                         learnable=True, cls=True, layerscale=False):
+def expected_param_count(
+    dim, layers=12, patch=16, grid=14, labels=1000, degree=None, learnable=True, cls=True, layerscale=False
+):
     """Closed form of the original's parameter count (the tree in docs/original.md, "Checkpoints")."""
     embed = patch * patch * 3 * dim + dim + (grid * grid * dim if learnable else 0) + (dim if cls else 0)
     attn = 3 * (dim * dim + dim) + dim * dim + dim
@@ -59,10 +61,15 @@ def test_small_models_build_and_run(name):
     assert out.shape == (2, 7) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name,dim", [
-    ("kan_vit_small_patch16_224", 384), ("deit_jax_small_patch16_224", 384),
-    ("kan_vit_tiny_patch16_224", 192), ("deit_jax_tiny_patch16_224", 192),
-])
+@pytest.mark.parametrize(
+    "name,dim",
+    [
+        ("kan_vit_small_patch16_224", 384),
+        ("deit_jax_small_patch16_224", 384),
+        ("kan_vit_tiny_patch16_224", 192),
+        ("deit_jax_tiny_patch16_224", 192),
+    ],
+)
 def test_param_counts(name, dim):
     model = timm.create_model(name)
     degree = 8 if name.startswith("kan") else None
@@ -79,25 +86,36 @@ def test_published_sizes():
 
 def test_options_change_the_architecture():
     model = timm.create_model(
-        "kan_vit_tiny_patch16_224", img_size=32, depth=2, num_classes=3, polynomial_degree=2,
-        posemb="sincos2d", pooling="gap", layerscale=True, drop_path_rate=0.2,
+        "kan_vit_tiny_patch16_224",
+        img_size=32,
+        depth=2,
+        num_classes=3,
+        polynomial_degree=2,
+        posemb="sincos2d",
+        pooling="gap",
+        layerscale=True,
+        drop_path_rate=0.2,
     )
     assert model.pos_embed is None and model.cls_token is None and model.num_prefix_tokens == 0
     assert model.blocks[0].mlp.kan.coefficients.shape == (192, 192, 3)
     assert torch.all(model.blocks[1].ls2.gamma == 1e-4)
     assert model.blocks[1].drop_path2.drop_prob == pytest.approx(0.2)
     assert n_params(model) == expected_param_count(
-        192, layers=2, grid=2, labels=3, degree=2, learnable=False, cls=False, layerscale=True)
+        192, layers=2, grid=2, labels=3, degree=2, learnable=False, cls=False, layerscale=True
+    )
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(posemb="sincos"), "posemb must be one of"),
-    (dict(pooling="avg"), "pooling must be one of"),
-    (dict(polynomial_degree=0), "degree must be an integer >= 1"),
-    (dict(global_pool="avg"), "set pooling= instead"),
-    (dict(act_layer="gelu"), "fixes timm's 'act_layer'"),
-    (dict(drop_path_schedule="cosine"), "drop_path_schedule must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(posemb="sincos"), "posemb must be one of"),
+        (dict(pooling="avg"), "pooling must be one of"),
+        (dict(polynomial_degree=0), "degree must be an integer >= 1"),
+        (dict(global_pool="avg"), "set pooling= instead"),
+        (dict(act_layer="gelu"), "fixes timm's 'act_layer'"),
+        (dict(drop_path_schedule="cosine"), "drop_path_schedule must be one of"),
+    ],
+)
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         timm.create_model("kan_vit_tiny_patch16_224", **SMALL, **kwargs)
@@ -153,14 +171,20 @@ def test_grad_checkpointing_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("schedule,expected", [
-    ("constant", [0.1, 0.1, 0.1, 0.1]),  # the original: Dropout(droppath) in every block
-    ("linear", [0.0, 0.1 / 3, 0.2 / 3, 0.1]),  # timm's ramp, also what drop_path_rate alone gives
-])
+@pytest.mark.parametrize(
+    "schedule,expected",
+    [
+        ("constant", [0.1, 0.1, 0.1, 0.1]),  # the original: Dropout(droppath) in every block
+        ("linear", [0.0, 0.1 / 3, 0.2 / 3, 0.1]),  # timm's ramp, also what drop_path_rate alone gives
+    ],
+)
 def test_drop_path_schedule_rate_of_every_block(schedule, expected):
     def rates(model):
-        return [getattr(getattr(b, name), "drop_prob", 0.0)  # rate 0: an Identity
-                for b in model.blocks for name in ("drop_path1", "drop_path2")]
+        return [
+            getattr(getattr(b, name), "drop_prob", 0.0)  # rate 0: an Identity
+            for b in model.blocks
+            for name in ("drop_path1", "drop_path2")
+        ]
 
     kwargs = dict(img_size=32, depth=4, num_classes=7, drop_path_rate=0.1)
     model = timm.create_model("kan_vit_tiny_patch16_224", **kwargs, drop_path_schedule=schedule)
@@ -186,11 +210,14 @@ def test_drop_path_drops_whole_samples_and_rescales():
     assert torch.all(out[~kept] == 0)
 
 
-@pytest.mark.parametrize("variant", [
-    dict(degree=3, posemb="learnable", pooling="cls", layerscale=False),
-    dict(degree=4, posemb="sincos2d", pooling="gap", layerscale=True),
-    dict(degree=None, posemb="learnable", pooling="cls", layerscale=False),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(degree=3, posemb="learnable", pooling="cls", layerscale=False),
+        dict(degree=4, posemb="sincos2d", pooling="gap", layerscale=True),
+        dict(degree=None, posemb="learnable", pooling="cls", layerscale=False),
+    ],
+)
 def test_matches_numpy_reference_float64(variant):
     """The original's function (docs/original.md, "Forward pass"): max |dlogits| <= 1e-6, float64."""
     params = random_params(seed=1, layers=3, dim=16, heads=2, patch=4, grid=3, labels=5, **variant)
@@ -229,8 +256,11 @@ def test_pretrained_file_overlay(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file(source.state_dict(), str(path))
     loaded = timm.create_model(
-        "kan_vit_tiny_patch16_224", **SMALL, layerscale=True,
-        pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+        "kan_vit_tiny_patch16_224",
+        **SMALL,
+        layerscale=True,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
     ).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x), source(x), rtol=0, atol=0)
@@ -242,8 +272,12 @@ def test_pretrained_file_resamples_pos_embed(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"model": source.state_dict()}, path)  # trainer-checkpoint layout
     loaded = timm.create_model(
-        "kan_vit_tiny_patch16_224", img_size=48, depth=2, num_classes=7,
-        pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+        "kan_vit_tiny_patch16_224",
+        img_size=48,
+        depth=2,
+        num_classes=7,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
     )
     assert loaded.pos_embed.shape == (1, 9, 192)
     torch.testing.assert_close(loaded.cls_token, source.cls_token)
@@ -271,7 +305,6 @@ def test_torch_xla_forward_backward():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad.cpu(), cpu_grads[n], rtol=1e-3, atol=1e-5, msg=n)
     assert math.isfinite(loss.item())
-
 
 
 HUB_SCRIPT = """
@@ -316,13 +349,17 @@ def test_hub_tag_loads_the_original_msgpack_from_the_hub_cache(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
     result = subprocess.run(
         [sys.executable, "-c", HUB_SCRIPT, str(snapshot / cfg.hf_hub_filename), str(tmp_path / "empty")],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "loaded from affjljoo3581/deit3-jax deit-t16-224-in1k-300ep-best.msgpack" in result.stdout
 
 
 # --- ablation switches (built from the demo config) -----------------------------------------
+
 
 def _model(*overrides):
     return build_model(load(DEMO, list(overrides) + ["model.layers=2"]))
@@ -332,7 +369,9 @@ def test_input_scale_is_a_new_parameter_applied_before_tanh():
     model = _model("model.kan_input_scale=true", "model.polynomial_degree=3")
     kan = model.blocks[0].mlp.kan
     assert [n for n, _ in model.named_parameters() if n.endswith("input_scale")] == [
-        "blocks.0.mlp.kan.input_scale", "blocks.1.mlp.kan.input_scale"]
+        "blocks.0.mlp.kan.input_scale",
+        "blocks.1.mlp.kan.input_scale",
+    ]
     scale = torch.linspace(0.5, 2.0, 96)
     with torch.no_grad():
         kan.input_scale.copy_(scale)
