@@ -95,6 +95,7 @@ def torch_xla_update(cfg, undo: tuple = ()):
         targets.to(device),
         torch.zeros(1, dtype=torch.int64, device=device),
     )
+    torch_xla.sync()  # device data, as the loader's batches: the first update traces the steady graph
 
     def update():
         train.train_step(state, [micro_batch], cfg)
