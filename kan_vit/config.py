@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Literal
@@ -171,7 +172,8 @@ def _closest(name: str, candidates, prefix: str = "") -> str:
 
 def _coerce(key: str, value, annotation):
     """`value` as the field's declared type (int -> float allowed); ConfigError otherwise."""
-    optional = typing.get_origin(annotation) is typing.Union and type(None) in typing.get_args(annotation)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)  # Optional[X] or X | None
+    optional = union and type(None) in typing.get_args(annotation)
     base = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
     if typing.get_origin(base) is Literal:  # the type of its values; `validate` checks the values
         base = type(typing.get_args(base)[0])
