@@ -132,9 +132,10 @@ def test_replicas_with_batch_shares_update_like_one_replica_with_the_whole_batch
 
 
 @pytest.mark.slow
-def test_repeated_copies_of_an_image_go_to_different_replicas(tmp_path):
-    """augment_repeats=2 on 2 replicas: the two copies of each image sit at the same batch position
-    on the two replicas, so each replica sees every image once."""
+@pytest.mark.parametrize("accelerate", [False, True], ids=["xla_replicas", "accelerate_processes"])
+def test_repeated_copies_of_an_image_go_to_different_replicas(tmp_path, accelerate):
+    """augment_repeats=2 on 2 replicas (XLA) or processes (accelerate): the two copies of each image
+    sit at the same batch position on the two, so each sees every image once."""
     cfg = load(
         DEMO,
         tiny_overrides(tmp_path)
@@ -146,7 +147,7 @@ def test_repeated_copies_of_an_image_go_to_different_replicas(tmp_path):
             "optim.grad_accum=1",
         ],
     )
-    first, second = (r["seen"] for r in _run_job("batches", {"data": cfg}, "-", tmp_path, 2))
+    first, second = (r["seen"] for r in _run_job("batches", {"data": cfg}, "-", tmp_path, 2, accelerate=accelerate))
     assert first == second and len(first) == BATCH  # 2 batches of 16 / 2 replicas
     assert len({image for image, _ in first}) == BATCH
 
@@ -222,25 +223,6 @@ def test_two_processes_with_batch_halves_update_like_one_process_with_the_whole_
         assert first["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-6), key
     for key, value in first["noisy"].items():
         assert torch.equal(second["noisy"][key], value), key
-
-
-@pytest.mark.slow
-def test_repeated_copies_of_an_image_go_to_different_processes(tmp_path):
-    """As for XLA replicas: augment_repeats=2 on 2 processes, each process sees every image once."""
-    cfg = load(
-        DEMO,
-        tiny_overrides(tmp_path)
-        + [
-            "augment.augment_repeats=2",
-            "augment.random_crop=none",
-            "augment.mixup=0.0",
-            "augment.cutmix=0.0",
-            "optim.grad_accum=1",
-        ],
-    )
-    first, second = (r["seen"] for r in _run_job("batches", {"data": cfg}, "-", tmp_path, 2, accelerate=True))
-    assert first == second and len(first) == BATCH
-    assert len({image for image, _ in first}) == BATCH
 
 
 @pytest.mark.slow
