@@ -215,7 +215,7 @@ def test_xla_matches_cpu():
     import torch_xla
 
     dev = torch_xla.device()
-    x, coef = _inputs(torch.float32, shape=(16, 24), d_out=24)
+    x, coef = _inputs(torch.float32, shape=(2, 16, 24), d_out=20)  # tokens, in and out all differ
     gx, gc = torch.autograd.grad(cheby_kan_reference(x, coef).sum(), (x, coef))
     xx = x.detach().to(dev).requires_grad_()
     cx = coef.detach().to(dev).requires_grad_()
