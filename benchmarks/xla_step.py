@@ -6,26 +6,34 @@ CPU here), float32 and bf16 autocast; optionally the original JAX/Flax step besi
 One update = `kan_vit.train.train_step` on a fixed device batch (uint8 images, soft targets), the
 configs/kan_s16.yaml and configs/deit_s16.yaml recipes: normalisation, forward, loss, backward,
 AdamW, interval metrics, then xm.wait_device_ops() so the time covers execution. Every setup
-runs its warm-up updates (the first update's graph creates the optimizer state, the second is
-the steady step), then all setups are timed round-robin in one process, so load from other
-processes hits each alike; compilations during timing must be 0.
+lives in its own worker process and runs its warm-up updates there (the first update's graph
+creates the optimizer state, the second is the steady step) while the others wait; then this
+process times the workers round-robin, one update at a time, so load from other processes hits
+each alike and no setup's memory state slows another's (the original's step takes ~750k page
+faults per update; in one shared process it took 3.0-7.6 s, depending on how many torch_xla
+setups lived beside it). Compilations during timing must be 0.
 
 --original PATH (the `src` folder of a KAN-ViT checkout; needs flax, optax and chex) adds the
 original's own `training_step` (jax.pmap over one device, donated state) on the same batch, with
-the same recipe; JAX and torch_xla then run in one process. That step also draws mixup and label
+the same recipe, in a worker of its own. That step also draws mixup and label
 smoothing on the device, which this project does on the host. The original calls `jax.tree_map`,
 which JAX 0.6 removed: it is aliased to `jax.tree_util.tree_map` for newer JAX.
+
+--changes also times each model's fp32 step with this project's XLA changes reverted,
+cumulatively (`UNDO`), as a group of its own after the main comparison: at most one group's
+workers are alive at once (~2 GB each; the original's KAN step 5 GB).
 
 With --original it also times one more kernel in each runtime: the same element-wise update over
 22M floats as one array and as 152 (ViT-S's parameters).
 
 HLO: instruction counts of the steady step graph before XLA's optimisation passes (what torch_xla
-or JAX hands to XLA) and after (what the CPU runs); each setup is compiled once more in a child
-process with XLA_FLAGS=--xla_dump_to, since dumping slows compilation.
+or JAX hands to XLA) and after (what the CPU runs); each setup is compiled once more in a worker
+with XLA_FLAGS=--xla_dump_to, since dumping slows compilation.
 """
 
 import argparse
 import contextlib
+import functools
 import glob
 import io
 import json
@@ -48,8 +56,15 @@ from common import machine_info  # noqa: E402
 MODELS = {"KAN-ViT-S/16": "kan_s16.yaml", "DeiT-S/16": "deit_s16.yaml"}
 PRECISIONS = ("fp32", "bf16")
 # --changes: the step with this project's XLA changes reverted, cumulatively
-UNDO = {"before both changes": ("attention", "adamw"), "without GroupStepAdamW": ("adamw",)}
+UNDO = {
+    "before the changes": ("attention", "adamw", "kan_rows"),
+    "without GroupStepAdamW, KAN row blocks": ("adamw", "kan_rows"),
+    "without the KAN row blocks": ("kan_rows",),
+}
 WARMUP_UPDATES = 2
+# untimed round-robin rounds once all of a group's workers are up: the original's step, ~750k page
+# faults per update, took 7.2 s in the first round and 3.1-3.5 s from the fourth on
+WARMUP_ROUNDS = 3
 
 
 def load_config(model: str, precision: str, batch: int):
@@ -74,11 +89,12 @@ def fixed_batch(cfg):
 def torch_xla_update(cfg, undo: tuple = ()):
     """The trainer's update on the XLA device, as a function that waits for its execution. `undo`
     reverts this project's XLA step changes, to measure what each bought: "attention" (SDPA instead
-    of the explicit attention), "adamw" (torch's capturable AdamW instead of GroupStepAdamW)."""
+    of the explicit attention), "adamw" (torch's capturable AdamW instead of GroupStepAdamW),
+    "kan_rows" (the KAN basis as column blocks of an (N, K * D) matrix instead of row blocks)."""
     import torch_xla
     import torch_xla.core.xla_model as xm
 
-    from kan_vit import train
+    from kan_vit import chebykan, train
 
     device = torch_xla.device()
     state = train.build_state(cfg, device)
@@ -97,8 +113,15 @@ def torch_xla_update(cfg, undo: tuple = ()):
     )
     torch_xla.sync()  # device data, as the loader's batches: the first update traces the steady graph
 
+    basis = chebykan._chebyshev_basis_t
+    layout = functools.partial(basis, rows=False) if "kan_rows" in undo else basis
+
     def update():
-        train.train_step(state, [micro_batch], cfg)
+        chebykan._chebyshev_basis_t = layout  # read when the step is traced, every update
+        try:
+            train.train_step(state, [micro_batch], cfg)
+        finally:
+            chebykan._chebyshev_basis_t = basis
         xm.wait_device_ops()
 
     return update
@@ -175,6 +198,70 @@ def compile_stats():
     return (data[0], data[1] / 1e9) if data else (0, 0.0)
 
 
+def serve(model: str, precision: str, batch: int, original: str | None) -> None:
+    """The worker: builds one setup, runs its warm-up updates, reports them, then runs one update
+    per "step" line on stdin and answers each command with one JSON line on stdout."""
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints (the original's model table, library notices) go to stderr
+    is_original = precision == "original"
+    base, _, change = precision.partition(" ")
+    cfg = load_config(model, "fp32" if is_original else base, batch)
+    update = original_update(cfg, original) if is_original else torch_xla_update(cfg, UNDO.get(change, ()))
+    stats = (lambda: (0, 0.0)) if is_original else compile_stats
+    count, seconds = stats()
+    start = time.perf_counter()
+    for _ in range(WARMUP_UPDATES):
+        update()
+    warm_count, warm_seconds = stats()
+    report = dict(warmup_s=time.perf_counter() - start, compiles=warm_count - count, compile_s=warm_seconds - seconds)
+    channel.write(json.dumps(report) + "\n")
+    for command in sys.stdin:
+        if command.strip() == "step":
+            start = time.perf_counter()
+            update()
+            channel.write(json.dumps(dict(seconds=time.perf_counter() - start)) + "\n")
+        else:  # "compiles"
+            channel.write(json.dumps(dict(compiles=stats()[0])) + "\n")
+
+
+class Worker:
+    """One setup in its own process (`serve`); `env` adds environment variables."""
+
+    def __init__(self, model: str, precision: str, batch: int, original: str | None, env: dict | None = None):
+        self.name = f"{model} {precision}"
+        cmd = [sys.executable, __file__, "--worker", model, precision, "--batch", str(batch)]
+        if original:
+            cmd += ["--original", original]
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.warmup = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            tail = self.log.read()[-3000:]
+            raise RuntimeError(f"worker {self.name!r} exited with code {self.proc.wait()}; its last output:\n{tail}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.log.close()
+
+
 def hlo_counts(dump_dir: str, original: bool) -> dict:
     """Instruction counts of the steady step graph, before and after XLA's optimisation passes:
     torch_xla's last-compiled graph (the first update's graph also creates the optimizer state),
@@ -197,15 +284,10 @@ def hlo_counts(dump_dir: str, original: bool) -> dict:
 
 
 def hlo_child(model: str, precision: str, batch: int, original: str | None) -> dict:
-    """Runs the warm-up updates of one setup in a child process that dumps XLA's HLO."""
+    """Compiles one setup again in a worker that dumps XLA's HLO during its warm-up updates."""
     with tempfile.TemporaryDirectory() as dump_dir:
-        env = dict(
-            os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
-        )
-        cmd = [sys.executable, __file__, "--hlo-child", model, precision, "--batch", str(batch)]
-        if original:
-            cmd += ["--original", original]
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
+        Worker(model, precision, batch, original, env=dict(XLA_FLAGS=flags)).close()
         return hlo_counts(dump_dir, original=precision == "original")
 
 
@@ -220,10 +302,10 @@ def main():
     parser.add_argument(
         "--changes",
         action="store_true",
-        help="also time fp32 with the explicit attention and GroupStepAdamW reverted (what each bought)",
+        help="also time fp32 with the explicit attention, GroupStepAdamW, KAN row blocks reverted (what each bought)",
     )
     parser.add_argument("--no-hlo", action="store_true", help="skip the HLO counts (two compilations less per setup)")
-    parser.add_argument("--hlo-child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.original and not os.path.isfile(os.path.join(args.original, "training.py")):
         parser.error(f"--original {args.original}: no training.py there; pass the src folder of a KAN-ViT checkout")
@@ -232,79 +314,53 @@ def main():
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
 
-    if args.hlo_child:  # the child: warm-up updates only, while XLA dumps the graphs
-        model, precision = args.hlo_child
-        cfg = load_config(model, "fp32" if precision == "original" else precision, args.batch)
-        update = original_update(cfg, args.original) if precision == "original" else torch_xla_update(cfg)
-        for _ in range(WARMUP_UPDATES):
-            update()
+    if args.worker:
+        serve(*args.worker, args.batch, args.original)
         return
 
     setups = [(model, precision) for model in models for precision in PRECISIONS]
-    if args.changes:
-        setups += [(model, f"fp32 {name}") for model in models for name in UNDO]
     if args.original:
         setups += [(model, "original") for model in models]
-    updates, warmup = {}, {}
-    for model, precision in setups:
-        cfg = load_config(model, "fp32" if precision == "original" else precision.split()[0], args.batch)
-        updates[model, precision] = (
-            original_update(cfg, args.original)
-            if precision == "original"
-            else torch_xla_update(cfg, UNDO.get(precision[5:], ()))
-        )
-        count, seconds = compile_stats()
-        start = time.perf_counter()
-        for _ in range(WARMUP_UPDATES):
-            updates[model, precision]()
-        warm_count, warm_seconds = compile_stats()
-        warmup[model, precision] = (time.perf_counter() - start, warm_count - count, warm_seconds - seconds)
-
-    count_before_timing = compile_stats()[0]
-    times = {setup: [] for setup in setups}
-    for _ in range(args.reps):
-        for setup, update in updates.items():
-            start = time.perf_counter()
-            update()
-            times[setup].append(time.perf_counter() - start)
-    compiles_during_timing = compile_stats()[0] - count_before_timing
+    # one group's workers alive at a time: the main comparison, then each model's reverted changes
+    groups = [setups]
+    if args.changes:
+        groups += [[(model, "fp32")] + [(model, f"fp32 {name}") for name in UNDO] for model in models]
+    results = [time_round_robin(group, args) for group in groups]
     load_average = os.getloadavg()
-    hlo = (
-        {}
-        if args.no_hlo
-        else {
-            setup: hlo_child(*setup, args.batch, args.original)
-            for setup in setups
-            if setup[1] in PRECISIONS or setup[1] == "original"
-        }
-    )
+    hlo = {} if args.no_hlo else {setup: hlo_child(*setup, args.batch, args.original) for setup in setups}
 
     print(machine_info())
     print(
         f"load average (1, 5, 15 min) after timing: {load_average[0]:.2f}, {load_average[1]:.2f}, {load_average[2]:.2f}"
     )
     print(
-        f"batch {args.batch}, {args.reps} round-robin reps after {WARMUP_UPDATES} warm-up updates; torch_xla "
-        f"compilations during timing: {compiles_during_timing}\n"
+        f"batch {args.batch}, {args.reps} round-robin reps after {WARMUP_UPDATES} warm-up updates and {WARMUP_ROUNDS} "
+        f"untimed rounds, each setup in its own process; torch_xla compilations during timing: "
+        f"{sum(compiles for _, _, compiles in results)}\n"
     )
+    times, warmup, _ = results[0]
     print(
-        "| model | step | median s | min s | vs original (median) | warm-up s | graphs compiled (s) "
+        "| model | step | median s | min s | warm-up s | graphs compiled (s) | vs original (median) "
         "| HLO instr. before / after opt |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for model, precision in setups:
-        median = statistics.median(times[model, precision])
         original = times.get((model, "original"))
-        ratio = f"{median / statistics.median(original):.2f}x" if original else "-"
-        wall, count, seconds = warmup[model, precision]
-        compiled = "-" if precision == "original" else f"{count} ({seconds:.1f})"
+        ratio = f"{statistics.median(times[model, precision]) / statistics.median(original):.2f}x" if original else "-"
         counts = hlo.get((model, precision))
         sizes = f"{counts['before']:,} / {counts['after']:,}" if counts else "-"
         step = "original (JAX, fp32)" if precision == "original" else f"torch_xla {precision}"
-        print(
-            f"| {model} | {step} | {median:.3f} | {min(times[model, precision]):.3f} | {ratio} | {wall:.1f} "
-            f"| {compiled} | {sizes} |"
-        )
+        cells = _timing_cells(times[model, precision], warmup[model, precision])
+        print(f"| {model} | {step} | {cells} | {ratio} | {sizes} |")
+    for group_times, group_warmup, _ in results[1:]:
+        (model, _), *_ = group_times
+        print(f"\n{model}, fp32, with this project's XLA changes reverted (timed round-robin on their own)\n")
+        print("| step | median s | min s | warm-up s | graphs compiled (s) | vs the step with all changes |")
+        print("|---|---:|---:|---:|---:|---:|")
+        reference = statistics.median(group_times[model, "fp32"])
+        for (_, precision), ts in group_times.items():
+            ratio = f"{statistics.median(ts) / reference:.2f}x"
+            print(f"| torch_xla {precision} | {_timing_cells(ts, group_warmup[model, precision])} | {ratio} |")
     if args.original:
         overhead = kernel_overhead(max(args.reps, 10))
         print("\nper-kernel cost: p = 0.9 p + 0.1 g over 22M floats, median ms\n")
@@ -313,7 +369,37 @@ def main():
         for runtime in ("torch_xla", "JAX"):
             one, split = overhead[runtime, 1], overhead[runtime, 152]
             print(f"| {runtime} | {one:.1f} | {split:.1f} | {1e3 * (split - one) / 151:.0f} us |")
-    print("\nraw times (s): " + json.dumps({f"{m} {p}": [round(t, 3) for t in ts] for (m, p), ts in times.items()}))
+    raw = [
+        {f"{m} {p}": [round(t, 3) for t in ts] for (m, p), ts in group_times.items()} for group_times, _, _ in results
+    ]
+    print("\nraw times (s), one object per group: " + json.dumps(raw))
+
+
+def _timing_cells(times: list, report: dict) -> str:
+    """median | min | warm-up | graphs compiled (compile seconds) cells of one setup's row."""
+    compiled = f"{report['compiles']} ({report['compile_s']:.1f})" if report["compiles"] else "-"
+    return f"{statistics.median(times):.3f} | {min(times):.3f} | {report['warmup_s']:.1f} | {compiled}"
+
+
+def time_round_robin(setups: list, args) -> tuple[dict, dict, int]:
+    """Each setup's warm-up in its own worker, one after another, then WARMUP_ROUNDS untimed and
+    `args.reps` timed round-robin updates: (times per setup, warm-up reports, torch_xla compilations during timing)."""
+    workers = {}
+    try:
+        for setup in setups:
+            workers[setup] = Worker(*setup, args.batch, args.original)
+        compiles_before = {setup: worker.ask("compiles")["compiles"] for setup, worker in workers.items()}
+        times = {setup: [] for setup in setups}
+        for rep in range(WARMUP_ROUNDS + args.reps):
+            for setup, worker in workers.items():
+                seconds = worker.ask("step")["seconds"]
+                if rep >= WARMUP_ROUNDS:
+                    times[setup].append(seconds)
+        compiles = sum(worker.ask("compiles")["compiles"] - compiles_before[setup] for setup, worker in workers.items())
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return times, {setup: worker.warmup for setup, worker in workers.items()}, compiles
 
 
 if __name__ == "__main__":
