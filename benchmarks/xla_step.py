@@ -51,7 +51,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import machine_info  # noqa: E402
+from common import machine_info, median_ms  # noqa: E402
 
 MODELS = {"KAN-ViT-S/16": "kan_s16.yaml", "DeiT-S/16": "deit_s16.yaml"}
 PRECISIONS = ("fp32", "bf16")
@@ -62,8 +62,9 @@ UNDO = {
     "without the KAN row blocks": ("kan_rows",),
 }
 WARMUP_UPDATES = 2
-# untimed round-robin rounds once all of a group's workers are up: the original's step, ~750k page
-# faults per update, took 7.2 s in the first round and 3.1-3.5 s from the fourth on
+# untimed round-robin rounds once all of a group's workers are up: the original's KAN step (~750k
+# page faults per update) ran up to 2x slower in its first updates than in later ones; 3 rounds
+# remove only part of that (README, "The XLA step beside the original JAX step")
 WARMUP_ROUNDS = 3
 
 
@@ -180,15 +181,7 @@ def kernel_overhead(reps: int) -> dict:
             jax.block_until_ready(jax_state[0])
 
         fns["torch_xla", arrays], fns["JAX", arrays] = torch_axpy, jax_axpy
-    for fn in fns.values():
-        fn(), fn()
-    times = {key: [] for key in fns}
-    for _ in range(reps):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {key: 1e3 * statistics.median(ts) for key, ts in times.items()}
+    return median_ms(fns, reps=reps, warmup=2)
 
 
 def compile_stats():
