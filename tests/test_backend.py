@@ -157,18 +157,23 @@ def _launch(overrides: list[str], num_replicas: int):
     return command, _replica_env(num_replicas)
 
 
+def _resume_overrides(out, *extra: str) -> list[str]:
+    """24 updates, evaluated every 8, with dropout and drop-path on: the RNG states matter on resume."""
+    return tiny_overrides(out) + [
+        "schedule.training_steps=24",
+        "schedule.eval_interval=8",
+        "schedule.log_interval=4",
+        "model.dropout=0.1",
+        "model.droppath=0.1",
+        *extra,
+    ]
+
+
 @pytest.mark.slow
 def test_two_replicas_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
-    def overrides(out):
-        return tiny_overrides(out) + [
-            "schedule.training_steps=24",
-            "schedule.eval_interval=8",
-            "schedule.log_interval=4",
-            "model.dropout=0.1",
-            "model.droppath=0.1",
-        ]
-
-    assert_resume_matches_uninterrupted(lambda out: _launch(overrides(out), 2)[0], _replica_env(2), tmp_path, 24)
+    assert_resume_matches_uninterrupted(
+        lambda out: _launch(_resume_overrides(out), 2)[0], _replica_env(2), tmp_path, 24
+    )
     assert len(checkpoint.load(str(tmp_path / "broken" / "last.pth"))["rng"]) == 2
 
 
@@ -266,19 +271,11 @@ def test_two_process_demo_learns_and_both_backends_evaluate_its_checkpoint(tmp_p
 @pytest.mark.slow
 def test_two_processes_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
     """Dropout and drop-path: the per-process RNG states matter; one loader worker per process."""
-
-    def overrides(out):
-        return tiny_overrides(out) + [
-            "schedule.training_steps=24",
-            "schedule.eval_interval=8",
-            "schedule.log_interval=4",
-            "model.dropout=0.1",
-            "model.droppath=0.1",
-            "data.train_loader_workers=2",
-        ]
-
     assert_resume_matches_uninterrupted(
-        lambda out: torchrun(2, TRAIN_GPU, *_args(overrides(out))), without_torch_xla_env(tmp_path), tmp_path, 24
+        lambda out: torchrun(2, TRAIN_GPU, *_args(_resume_overrides(out, "data.train_loader_workers=2"))),
+        without_torch_xla_env(tmp_path),
+        tmp_path,
+        24,
     )
     assert len(checkpoint.load(str(tmp_path / "broken" / "last.pth"))["rng"]) == 2
 
