@@ -9,18 +9,24 @@ AdamW, interval metrics, then xm.wait_device_ops() so the time covers execution.
 lives in its own worker process and runs its warm-up updates there (the first update's graph
 creates the optimizer state, the second is the steady step) while the others wait; then this
 process times the workers round-robin, one update at a time, so load from other processes hits
-each alike and no setup's memory state slows another's (the original's step takes ~750k page
-faults per update; in one shared process it took 3.0-7.6 s, depending on how many torch_xla
-setups lived beside it). Compilations during timing must be 0.
+each alike. One model's setups are alive at a time: the original's step takes ~750k page faults
+per update, ran 3.0-7.6 s in one process shared with torch_xla setups, and slower with all six
+setups' workers alive than with its own model's only (README). Each update's minor page
+faults are counted: the XLA:CPU runtime maps its temporary buffer afresh for every execution (on
+a TPU that is device memory). Compilations during timing must be 0.
 
 --original PATH (the `src` folder of a KAN-ViT checkout; needs flax, optax and chex) adds the
 original's own `training_step` (jax.pmap over one device, donated state) on the same batch, with
-the same recipe, in a worker of its own. That step also draws mixup and label
-smoothing on the device, which this project does on the host. The original calls `jax.tree_map`,
-which JAX 0.6 removed: it is aliased to `jax.tree_util.tree_map` for newer JAX.
+the same recipe, in a worker of its own, twice: as JAX runs it by default, and with
+--xla_cpu_experimental_ynn_fusion_type= ("original-eigen"). JAX's newer XLA:CPU hands dots and
+the element-wise work around them to YNNPACK; the XLA that torch_xla 2.9 bundles runs dots with
+Eigen, so "original-eigen" compares the two graphs on the same kind of CPU kernels. That step
+also draws mixup and label smoothing on the device, which this project does on the host. The
+original calls `jax.tree_map`, which JAX 0.6 removed: it is aliased to `jax.tree_util.tree_map`
+for newer JAX.
 
 --changes also times each model's fp32 step with this project's XLA changes reverted,
-cumulatively (`UNDO`), as a group of its own after the main comparison: at most one group's
+cumulatively (`UNDO`), as a group of its own after the main comparisons: at most one group's
 workers are alive at once (~2 GB each; the original's KAN step 5 GB).
 
 With --original it also times one more kernel in each runtime: the same element-wise update over
@@ -38,12 +44,14 @@ import glob
 import io
 import json
 import os
+import re
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -55,6 +63,8 @@ from common import machine_info, median_ms  # noqa: E402
 
 MODELS = {"KAN-ViT-S/16": "kan_s16.yaml", "DeiT-S/16": "deit_s16.yaml"}
 PRECISIONS = ("fp32", "bf16")
+# the original's step: XLA_FLAGS added to its worker's
+ORIGINAL_STEPS = {"original": "", "original-eigen": "--xla_cpu_experimental_ynn_fusion_type="}
 # --changes: the step with this project's XLA changes reverted, cumulatively
 UNDO = {
     "before the changes": ("attention", "adamw", "kan_rows"),
@@ -196,7 +206,7 @@ def serve(model: str, precision: str, batch: int, original: str | None) -> None:
     per "step" line on stdin and answers each command with one JSON line on stdout."""
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # stray prints (the original's model table, library notices) go to stderr
-    is_original = precision == "original"
+    is_original = precision in ORIGINAL_STEPS
     base, _, change = precision.partition(" ")
     cfg = load_config(model, "fp32" if is_original else base, batch)
     update = original_update(cfg, original) if is_original else torch_xla_update(cfg, UNDO.get(change, ()))
@@ -210,9 +220,12 @@ def serve(model: str, precision: str, batch: int, original: str | None) -> None:
     channel.write(json.dumps(report) + "\n")
     for command in sys.stdin:
         if command.strip() == "step":
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             update()
-            channel.write(json.dumps(dict(seconds=time.perf_counter() - start)) + "\n")
+            seconds = time.perf_counter() - start
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            channel.write(json.dumps(dict(seconds=seconds, faults=faults)) + "\n")
         else:  # "compiles"
             channel.write(json.dumps(dict(compiles=stats()[0])) + "\n")
 
@@ -225,6 +238,9 @@ class Worker:
         cmd = [sys.executable, __file__, "--worker", model, precision, "--batch", str(batch)]
         if original:
             cmd += ["--original", original]
+        env = {**os.environ, **(env or {})}
+        if ORIGINAL_STEPS.get(precision):
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {ORIGINAL_STEPS[precision]}"
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             cmd,
@@ -232,7 +248,7 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
-            env={**os.environ, **(env or {})},
+            env=env,
         )
         self.warmup = self._read()
 
@@ -256,9 +272,10 @@ class Worker:
 
 
 def hlo_counts(dump_dir: str, original: bool) -> dict:
-    """Instruction counts of the steady step graph, before and after XLA's optimisation passes:
-    torch_xla's last-compiled graph (the first update's graph also creates the optimizer state),
-    or JAX's largest module (the training step; the others set up the state)."""
+    """Instruction counts of the steady step graph, before and after XLA's optimisation passes,
+    and the size of the temporary buffer XLA assigned it (MiB): torch_xla's last-compiled graph
+    (the first update's graph also creates the optimizer state), or JAX's largest module (the
+    training step; the others set up the state)."""
     before = sorted(glob.glob(os.path.join(dump_dir, "module_*.before_optimizations.txt")))
     if original:
         before = sorted((path for path in before if ".jit_" in path), key=os.path.getsize)
@@ -273,6 +290,9 @@ def hlo_counts(dump_dir: str, original: bool) -> dict:
     ):
         with open(path) as f:
             counts[stage] = sum(1 for line in f if " = " in line and not line.lstrip().startswith(("//", "HloModule")))
+    with open(path.replace(".txt", "-buffer-assignment.txt")) as f:
+        temp = re.search(r"^allocation \d+: size (\d+), preallocated-temp:", f.read(), re.MULTILINE)
+    counts["temp_mib"] = int(temp.group(1)) / 2**20 if temp else 0.0
     return counts
 
 
@@ -281,7 +301,7 @@ def hlo_child(model: str, precision: str, batch: int, original: str | None) -> d
     with tempfile.TemporaryDirectory() as dump_dir:
         flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
         Worker(model, precision, batch, original, env=dict(XLA_FLAGS=flags)).close()
-        return hlo_counts(dump_dir, original=precision == "original")
+        return hlo_counts(dump_dir, original=precision in ORIGINAL_STEPS)
 
 
 def main():
@@ -311,16 +331,19 @@ def main():
         serve(*args.worker, args.batch, args.original)
         return
 
-    setups = [(model, precision) for model in models for precision in PRECISIONS]
-    if args.original:
-        setups += [(model, "original") for model in models]
-    # one group's workers alive at a time: the main comparison, then each model's reverted changes
-    groups = [setups]
-    if args.changes:
-        groups += [[(model, "fp32")] + [(model, f"fp32 {name}") for name in UNDO] for model in models]
-    results = [time_round_robin(group, args) for group in groups]
+    # one group's workers alive at a time: each model's main comparison, then its reverted changes
+    steps = PRECISIONS + (tuple(ORIGINAL_STEPS) if args.original else ())
+    main_groups = [[(model, step) for step in steps] for model in models]
+    change_groups = [[(model, "fp32")] + [(model, f"fp32 {name}") for name in UNDO] for model in models]
+    main_results = [time_round_robin(group, args) for group in main_groups]
+    change_results = [time_round_robin(group, args) for group in change_groups] if args.changes else []
     load_average = os.getloadavg()
+    setups = [setup for group in main_groups for setup in group]
     hlo = {} if args.no_hlo else {setup: hlo_child(*setup, args.batch, args.original) for setup in setups}
+    times = {setup: ts for result in main_results for setup, ts in result.times.items()}
+    faults = {setup: fs for result in main_results for setup, fs in result.faults.items()}
+    warmup = {setup: report for result in main_results for setup, report in result.warmup.items()}
+    results = main_results + change_results
 
     print(machine_info())
     print(
@@ -328,32 +351,36 @@ def main():
     )
     print(
         f"batch {args.batch}, {args.reps} round-robin reps after {WARMUP_UPDATES} warm-up updates and {WARMUP_ROUNDS} "
-        f"untimed rounds, each setup in its own process; torch_xla compilations during timing: "
-        f"{sum(compiles for _, _, compiles in results)}\n"
+        f"untimed rounds, each setup in its own process, one model's setups alive at a time; torch_xla "
+        f"compilations during timing: {sum(result.compiles for result in results)}\n"
     )
-    times, warmup, _ = results[0]
     print(
-        "| model | step | median s | min s | warm-up s | graphs compiled (s) | vs original (median) "
-        "| HLO instr. before / after opt |"
+        "| model | step | median s | min s | warm-up s | graphs compiled (s) | vs original / original with Eigen "
+        "dots (medians) | page faults / update | temp buffer MiB | HLO instr. before / after opt |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, precision in setups:
-        original = times.get((model, "original"))
-        ratio = f"{statistics.median(times[model, precision]) / statistics.median(original):.2f}x" if original else "-"
+        median = statistics.median(times[model, precision])
+        ratio = " / ".join(
+            f"{median / statistics.median(times[model, o]):.2f}x" for o in ORIGINAL_STEPS if (model, o) in times
+        )
         counts = hlo.get((model, precision))
-        sizes = f"{counts['before']:,} / {counts['after']:,}" if counts else "-"
-        step = "original (JAX, fp32)" if precision == "original" else f"torch_xla {precision}"
+        sizes = f"{counts['temp_mib']:,.0f} | {counts['before']:,} / {counts['after']:,}" if counts else "- | -"
+        step = {"original": "original (JAX, fp32)", "original-eigen": "original, Eigen dots"}.get(
+            precision, f"torch_xla {precision}"
+        )
         cells = _timing_cells(times[model, precision], warmup[model, precision])
-        print(f"| {model} | {step} | {cells} | {ratio} | {sizes} |")
-    for group_times, group_warmup, _ in results[1:]:
-        (model, _), *_ = group_times
+        page_faults = f"{statistics.median(faults[model, precision]):,.0f}"
+        print(f"| {model} | {step} | {cells} | {ratio or '-'} | {page_faults} | {sizes} |")
+    for result in change_results:
+        (model, _), *_ = result.times
         print(f"\n{model}, fp32, with this project's XLA changes reverted (timed round-robin on their own)\n")
         print("| step | median s | min s | warm-up s | graphs compiled (s) | vs the step with all changes |")
         print("|---|---:|---:|---:|---:|---:|")
-        reference = statistics.median(group_times[model, "fp32"])
-        for (_, precision), ts in group_times.items():
+        reference = statistics.median(result.times[model, "fp32"])
+        for (_, precision), ts in result.times.items():
             ratio = f"{statistics.median(ts) / reference:.2f}x"
-            print(f"| torch_xla {precision} | {_timing_cells(ts, group_warmup[model, precision])} | {ratio} |")
+            print(f"| torch_xla {precision} | {_timing_cells(ts, result.warmup[model, precision])} | {ratio} |")
     if args.original:
         overhead = kernel_overhead(max(args.reps, 10))
         print("\nper-kernel cost: p = 0.9 p + 0.1 g over 22M floats, median ms\n")
@@ -362,9 +389,7 @@ def main():
         for runtime in ("torch_xla", "JAX"):
             one, split = overhead[runtime, 1], overhead[runtime, 152]
             print(f"| {runtime} | {one:.1f} | {split:.1f} | {1e3 * (split - one) / 151:.0f} us |")
-    raw = [
-        {f"{m} {p}": [round(t, 3) for t in ts] for (m, p), ts in group_times.items()} for group_times, _, _ in results
-    ]
+    raw = [{f"{m} {p}": [round(t, 3) for t in ts] for (m, p), ts in result.times.items()} for result in results]
     print("\nraw times (s), one object per group: " + json.dumps(raw))
 
 
@@ -374,25 +399,34 @@ def _timing_cells(times: list, report: dict) -> str:
     return f"{statistics.median(times):.3f} | {min(times):.3f} | {report['warmup_s']:.1f} | {compiled}"
 
 
-def time_round_robin(setups: list, args) -> tuple[dict, dict, int]:
+@dataclass
+class GroupResult:
+    times: dict  # setup -> seconds per timed update
+    faults: dict  # setup -> minor page faults per timed update
+    warmup: dict  # setup -> the worker's warm-up report
+    compiles: int  # torch_xla compilations during timing, all setups
+
+
+def time_round_robin(setups: list, args) -> GroupResult:
     """Each setup's warm-up in its own worker, one after another, then WARMUP_ROUNDS untimed and
-    `args.reps` timed round-robin updates: (times per setup, warm-up reports, torch_xla compilations during timing)."""
+    `args.reps` timed round-robin updates."""
     workers = {}
     try:
         for setup in setups:
             workers[setup] = Worker(*setup, args.batch, args.original)
         compiles_before = {setup: worker.ask("compiles")["compiles"] for setup, worker in workers.items()}
-        times = {setup: [] for setup in setups}
+        times, faults = {setup: [] for setup in setups}, {setup: [] for setup in setups}
         for rep in range(WARMUP_ROUNDS + args.reps):
             for setup, worker in workers.items():
-                seconds = worker.ask("step")["seconds"]
+                reply = worker.ask("step")
                 if rep >= WARMUP_ROUNDS:
-                    times[setup].append(seconds)
+                    times[setup].append(reply["seconds"])
+                    faults[setup].append(reply["faults"])
         compiles = sum(worker.ask("compiles")["compiles"] - compiles_before[setup] for setup, worker in workers.items())
     finally:
         for worker in workers.values():
             worker.close()
-    return times, {setup: worker.warmup for setup, worker in workers.items()}, compiles
+    return GroupResult(times, faults, {setup: worker.warmup for setup, worker in workers.items()}, compiles)
 
 
 if __name__ == "__main__":
