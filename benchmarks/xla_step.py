@@ -73,9 +73,10 @@ UNDO = {
 }
 WARMUP_UPDATES = 2
 # untimed round-robin rounds once all of a group's workers are up: the original's KAN step (~750k
-# page faults per update) ran up to 2x slower in its first updates than in later ones; 3 rounds
-# remove only part of that (README, "The XLA step beside the original JAX step")
-WARMUP_ROUNDS = 3
+# page faults per update) ran up to 2x slower in its first updates than in later ones, and after
+# 3 rounds still up to 1.4x in the first five timed ones (README, "The XLA step beside the
+# original JAX step")
+WARMUP_ROUNDS = 6
 
 
 def load_config(model: str, precision: str, batch: int):
