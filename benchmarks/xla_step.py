@@ -63,8 +63,11 @@ from common import machine_info, median_ms  # noqa: E402
 
 MODELS = {"KAN-ViT-S/16": "kan_s16.yaml", "DeiT-S/16": "deit_s16.yaml"}
 PRECISIONS = ("fp32", "bf16")
-# the original's step: XLA_FLAGS added to its worker's
-ORIGINAL_STEPS = {"original": "", "original-eigen": "--xla_cpu_experimental_ynn_fusion_type="}
+# the original's step: its table label, and the XLA_FLAGS added to its worker's
+ORIGINAL_STEPS = {
+    "original": ("original (JAX, fp32)", ""),
+    "original-eigen": ("original, Eigen dots", "--xla_cpu_experimental_ynn_fusion_type="),
+}
 # --changes: the step with this project's XLA changes reverted, cumulatively
 UNDO = {
     "before the changes": ("attention", "adamw", "kan_rows"),
@@ -240,8 +243,9 @@ class Worker:
         if original:
             cmd += ["--original", original]
         env = {**os.environ, **(env or {})}
-        if ORIGINAL_STEPS.get(precision):
-            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {ORIGINAL_STEPS[precision]}"
+        _, flags = ORIGINAL_STEPS.get(precision, ("", ""))
+        if flags:
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flags}"
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(
             cmd,
@@ -284,14 +288,12 @@ def hlo_counts(dump_dir: str, original: bool) -> dict:
         before = [path for path in before if ".SyncTensorsGraph." in path]
     if not before:
         raise RuntimeError(f"no HLO dump of the step in {dump_dir}")
+    after = before[-1].replace("before_optimizations", "cpu_after_optimizations")
     counts = {}
-    for stage, path in (
-        ("before", before[-1]),
-        ("after", before[-1].replace("before_optimizations", "cpu_after_optimizations")),
-    ):
+    for stage, path in (("before", before[-1]), ("after", after)):
         with open(path) as f:
             counts[stage] = sum(1 for line in f if " = " in line and not line.lstrip().startswith(("//", "HloModule")))
-    with open(path.replace(".txt", "-buffer-assignment.txt")) as f:
+    with open(after.replace(".txt", "-buffer-assignment.txt")) as f:
         temp = re.search(r"^allocation \d+: size (\d+), preallocated-temp:", f.read(), re.MULTILINE)
     counts["temp_mib"] = int(temp.group(1)) / 2**20 if temp else 0.0
     return counts
@@ -367,9 +369,7 @@ def main():
         )
         counts = hlo.get((model, precision))
         sizes = f"{counts['temp_mib']:,.0f} | {counts['before']:,} / {counts['after']:,}" if counts else "- | -"
-        step = {"original": "original (JAX, fp32)", "original-eigen": "original, Eigen dots"}.get(
-            precision, f"torch_xla {precision}"
-        )
+        step = ORIGINAL_STEPS[precision][0] if precision in ORIGINAL_STEPS else f"torch_xla {precision}"
         cells = _timing_cells(times[model, precision], warmup[model, precision])
         page_faults = f"{statistics.median(faults[model, precision]):,.0f}"
         print(f"| {model} | {step} | {cells} | {ratio or '-'} | {page_faults} | {sizes} |")
