@@ -85,7 +85,7 @@ def _chebyshev_basis_t(t: torch.Tensor, degree: int, rows: bool | None = None) -
     XLA (`rows`, the default there): the recurrence runs on t^T and one concatenation stacks the
     row blocks, a contiguous pass XLA fuses with the recurrence, and the weight-gradient GEMM reads
     its operand untransposed (KAN-S train step 1-4% faster on XLA:CPU than with column blocks in
-    two runs of benchmarks/xla_step.py --changes). torch.compile: column blocks concatenated.
+    five runs of benchmarks/xla_step.py --changes). torch.compile: column blocks concatenated.
     """
     rows = t.device.type == "xla" if rows is None else rows
     if rows:
