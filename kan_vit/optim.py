@@ -161,7 +161,11 @@ class GroupStepAdamW(torch.optim.AdamW):
     """torch.optim.AdamW's update (decoupled weight decay, bias corrections as tensors) with one step
     count per param group, kept on the device. torch's capturable AdamW, the one that reads a device
     lr, keeps a count per param: on XLA that is ~5 scalar kernels per param and update (~750 for
-    ViT-S), a quarter of the update's time on XLA:CPU. For XLA devices; no amsgrad / maximize."""
+    ViT-S), a quarter of the update's time on XLA:CPU. The moments are formed as optax forms them
+    (b1 m + (1 - b1) g, not torch's lerp) by out-of-place ops, each tensor written back by one
+    copy_: torch_xla traces in-place ops (lerp_, addcmul_, the chains around them) markedly slower
+    on the host for the same XLA execution (benchmarks/xla_step.py, "one more array per update").
+    For XLA devices; no amsgrad / maximize."""
 
     def __setstate__(self, state: dict) -> None:
         torch.optim.Optimizer.__setstate__(self, state)  # not Adam's: it expects a count per param
@@ -195,12 +199,13 @@ class GroupStepAdamW(torch.optim.AdamW):
                 state = self.state[param]
                 if not state:
                     state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(param), torch.zeros_like(param)
-                exp_avg, exp_avg_sq, grad = state["exp_avg"], state["exp_avg_sq"], param.grad
-                if decay is not None:
-                    param.mul_(decay)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                param.sub_(step_size * exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps))
+                grad = param.grad
+                exp_avg = state["exp_avg"] * beta1 + grad * (1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"] * beta2 + grad * grad * (1 - beta2)
+                decayed = param * decay if decay is not None else param
+                state["exp_avg"].copy_(exp_avg)
+                state["exp_avg_sq"].copy_(exp_avg_sq)
+                param.copy_(decayed - step_size * exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps))
         return loss
 
 
