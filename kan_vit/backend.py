@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from .vision_transformer import KeyPaddedAttention
+
 XLA, ACCELERATE = "xla", "accelerate"
 
 
@@ -84,10 +86,13 @@ class XlaBackend:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """timm's attention in its explicit form (q k^T, softmax, @ v, as the original): on XLA,
         scaled_dot_product_attention lowers to the same ops plus a check of every attention row for
-        all-masked scores, one more reduction per row (benchmarks/xla_step.py measures the step)."""
+        all-masked scores, one more reduction per row; and the keys padded to a multiple of 8
+        (`KeyPaddedAttention`). benchmarks/xla_step.py measures both."""
         for module in model.modules():
             if hasattr(module, "fused_attn"):
                 module.fused_attn = False
+            if isinstance(module, KeyPaddedAttention):
+                module.key_multiple = 8
         return model
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
