@@ -29,8 +29,13 @@ for newer JAX.
 cumulatively (`UNDO`), as a group of its own after the main comparisons: at most one group's
 workers are alive at once (~2 GB each; the original's KAN step 5 GB).
 
-With --original it also times one more kernel in each runtime: the same element-wise update over
-22M floats as one array and as 152 (ViT-S's parameters).
+Each torch_xla update also reports the part of it XLA spent executing the graph (torch_xla's
+ExecuteTime metric); the rest is the host's: tracing the step in Python (the lazy tensor graph)
+and handing it over. JAX traces its jitted step once, so its update is nearly all execution.
+
+With --original it also times one more array in each runtime: the same element-wise update over
+22M floats as one array and as 152 (ViT-S's parameters), in torch_xla written in place and out of
+place.
 
 HLO: instruction counts of the steady step graph before XLA's optimisation passes (what torch_xla
 or JAX hands to XLA) and after (what the CPU runs); each setup is compiled once more in a worker
@@ -70,9 +75,10 @@ ORIGINAL_STEPS = {
 }
 # --changes: the step with this project's XLA changes reverted, cumulatively
 UNDO = {
-    "before the changes": ("attention", "adamw", "kan_rows"),
-    "without GroupStepAdamW, KAN row blocks": ("adamw", "kan_rows"),
-    "without the KAN row blocks": ("kan_rows",),
+    "before the changes": ("attention", "adamw", "kan_rows", "key_padding"),
+    "without GroupStepAdamW, KAN row blocks, key padding": ("adamw", "kan_rows", "key_padding"),
+    "without the KAN row blocks, key padding": ("kan_rows", "key_padding"),
+    "without the key padding": ("key_padding",),
 }
 WARMUP_UPDATES = 2
 # untimed round-robin rounds once all of a group's workers are up: the original's KAN step (~750k
@@ -105,7 +111,8 @@ def torch_xla_update(cfg, undo: tuple = ()):
     """The trainer's update on the XLA device, as a function that waits for its execution. `undo`
     reverts this project's XLA step changes, to measure what each bought: "attention" (SDPA instead
     of the explicit attention), "adamw" (torch's capturable AdamW instead of GroupStepAdamW),
-    "kan_rows" (the KAN basis as column blocks of an (N, K * D) matrix instead of row blocks)."""
+    "kan_rows" (the KAN basis as column blocks of an (N, K * D) matrix instead of row blocks),
+    "key_padding" (attention over the 197 keys instead of keys padded to 200)."""
     import torch_xla
     import torch_xla.core.xla_model as xm
 
@@ -113,10 +120,11 @@ def torch_xla_update(cfg, undo: tuple = ()):
 
     device = torch_xla.device()
     state = train.build_state(cfg, device)
-    if "attention" in undo:
-        for module in state.model.modules():
-            if hasattr(module, "fused_attn"):
-                module.fused_attn = True
+    for module in state.model.modules():
+        if "attention" in undo and hasattr(module, "fused_attn"):
+            module.fused_attn = True
+        if "key_padding" in undo and hasattr(module, "key_multiple"):
+            module.key_multiple = None
     if "adamw" in undo:
         state.optimizer = torch.optim.AdamW(state.optimizer.param_groups, capturable=True)
     images, labels = fixed_batch(cfg)
@@ -166,26 +174,45 @@ def original_update(cfg, source: str):
     return update
 
 
-def kernel_overhead(reps: int) -> dict:
+def execute_seconds() -> float:
+    """Seconds torch_xla's runtime has spent executing compiled graphs in this process so far."""
+    import torch_xla.debug.metrics as met
+
+    data = met.metric_data("ExecuteTime")
+    return data[1] / 1e9 if data else 0.0
+
+
+def array_overhead(reps: int) -> dict:
     """Median ms of p = 0.9 p + 0.1 g over 22M floats as one array and as 152 arrays (ViT-S's
-    parameter count and number of tensors), torch_xla and JAX: the difference per array is what one
-    more kernel costs each runtime."""
+    parameter count and number of tensors): in torch_xla written in place (mul_, add_) and out of
+    place (one copy_ per array), with the part of it XLA spent executing; and in JAX. The
+    difference per array is what one more array costs each runtime, and the torch_xla host part of it
+    is tracing."""
     import jax
     import jax.numpy as jnp
     import torch_xla
     import torch_xla.core.xla_model as xm
 
-    device, total, fns = torch_xla.device(), 22_000_000, {}
+    device, total, fns, executed = torch_xla.device(), 22_000_000, {}, {}
     for arrays in (1, 152):
         shape = (total // arrays,)
         params = [torch.randn(shape).to(device) for _ in range(arrays)]
         grads = [torch.randn(shape).to(device) for _ in range(arrays)]
+        for form in ("in place", "out of place"):
+            seconds = executed[form, arrays] = []
 
-        def torch_axpy(params=params, grads=grads):
-            for param, grad in zip(params, grads):
-                param.mul_(0.9).add_(grad, alpha=0.1)
-            torch_xla.sync()
-            xm.wait_device_ops()
+            def torch_axpy(params=params, grads=grads, form=form, seconds=seconds):
+                start = execute_seconds()
+                for param, grad in zip(params, grads):
+                    if form == "in place":
+                        param.mul_(0.9).add_(grad, alpha=0.1)
+                    else:
+                        param.copy_(param * 0.9 + grad * 0.1)
+                torch_xla.sync()
+                xm.wait_device_ops()
+                seconds.append(execute_seconds() - start)
+
+            fns[f"torch_xla, {form}", arrays] = torch_axpy
 
         jax_state = [[jnp.ones(shape) for _ in range(arrays)], [jnp.ones(shape) for _ in range(arrays)]]
         step = jax.jit(lambda ps, gs: [0.9 * p + 0.1 * g for p, g in zip(ps, gs)], donate_argnums=0)
@@ -194,8 +221,11 @@ def kernel_overhead(reps: int) -> dict:
             jax_state[0] = step(*jax_state)
             jax.block_until_ready(jax_state[0])
 
-        fns["torch_xla", arrays], fns["JAX", arrays] = torch_axpy, jax_axpy
-    return median_ms(fns, reps=reps, warmup=2)
+        fns["JAX", arrays] = jax_axpy
+    medians = median_ms(fns, reps=reps, warmup=2)
+    for (form, arrays), seconds in executed.items():
+        medians[f"torch_xla, {form} (XLA execution)", arrays] = 1e3 * statistics.median(seconds[-reps:])
+    return medians
 
 
 def compile_stats():
@@ -215,6 +245,7 @@ def serve(model: str, precision: str, batch: int, original: str | None) -> None:
     cfg = load_config(model, "fp32" if is_original else base, batch)
     update = original_update(cfg, original) if is_original else torch_xla_update(cfg, UNDO.get(change, ()))
     stats = (lambda: (0, 0.0)) if is_original else compile_stats
+    executed = (lambda: 0.0) if is_original else execute_seconds
     count, seconds = stats()
     start = time.perf_counter()
     for _ in range(WARMUP_UPDATES):
@@ -224,12 +255,13 @@ def serve(model: str, precision: str, batch: int, original: str | None) -> None:
     channel.write(json.dumps(report) + "\n")
     for command in sys.stdin:
         if command.strip() == "step":
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            faults, execute = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, executed()
             start = time.perf_counter()
             update()
             seconds = time.perf_counter() - start
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-            channel.write(json.dumps(dict(seconds=seconds, faults=faults)) + "\n")
+            reply = dict(seconds=seconds, faults=faults, execute=executed() - execute)
+            channel.write(json.dumps(reply) + "\n")
         else:  # "compiles"
             channel.write(json.dumps(dict(compiles=stats()[0])) + "\n")
 
@@ -318,7 +350,8 @@ def main():
     parser.add_argument(
         "--changes",
         action="store_true",
-        help="also time fp32 with the explicit attention, GroupStepAdamW, KAN row blocks reverted (what each bought)",
+        help="also time fp32 with the explicit attention, GroupStepAdamW, KAN row blocks, key padding reverted "
+        "(what each bought)",
     )
     parser.add_argument("--no-hlo", action="store_true", help="skip the HLO counts (two compilations less per setup)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
@@ -345,6 +378,7 @@ def main():
     hlo = {} if args.no_hlo else {setup: hlo_child(*setup, args.batch, args.original) for setup in setups}
     times = {setup: ts for result in main_results for setup, ts in result.times.items()}
     faults = {setup: fs for result in main_results for setup, fs in result.faults.items()}
+    execute = {setup: es for result in main_results for setup, es in result.execute.items()}
     warmup = {setup: report for result in main_results for setup, report in result.warmup.items()}
     results = main_results + change_results
 
@@ -358,10 +392,11 @@ def main():
         f"compilations during timing: {sum(result.compiles for result in results)}\n"
     )
     print(
-        "| model | step | median s | min s | warm-up s | graphs compiled (s) | vs original / original with Eigen "
-        "dots (medians) | page faults / update | temp buffer MiB | HLO instr. before / after opt |"
+        "| model | step | median s | of which XLA execution s | min s | warm-up s | graphs compiled (s) | vs "
+        "original / original with Eigen dots (medians) | page faults / update | temp buffer MiB | HLO instr. before / "
+        "after opt |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, precision in setups:
         median = statistics.median(times[model, precision])
         ratio = " / ".join(
@@ -370,40 +405,50 @@ def main():
         counts = hlo.get((model, precision))
         sizes = f"{counts['temp_mib']:,.0f} | {counts['before']:,} / {counts['after']:,}" if counts else "- | -"
         step = ORIGINAL_STEPS[precision][0] if precision in ORIGINAL_STEPS else f"torch_xla {precision}"
-        cells = _timing_cells(times[model, precision], warmup[model, precision])
+        executed = None if precision in ORIGINAL_STEPS else execute[model, precision]
+        cells = _timing_cells(times[model, precision], executed, warmup[model, precision])
         page_faults = f"{statistics.median(faults[model, precision]):,.0f}"
         print(f"| {model} | {step} | {cells} | {ratio or '-'} | {page_faults} | {sizes} |")
     for result in change_results:
         (model, _), *_ = result.times
         print(f"\n{model}, fp32, with this project's XLA changes reverted (timed round-robin on their own)\n")
-        print("| step | median s | min s | warm-up s | graphs compiled (s) | vs the step with all changes |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(
+            "| step | median s | of which XLA execution s | min s | warm-up s | graphs compiled (s) | vs the step "
+            "with all changes |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|")
         reference = statistics.median(result.times[model, "fp32"])
         for (_, precision), ts in result.times.items():
             ratio = f"{statistics.median(ts) / reference:.2f}x"
-            print(f"| torch_xla {precision} | {_timing_cells(ts, result.warmup[model, precision])} | {ratio} |")
+            cells = _timing_cells(ts, result.execute[model, precision], result.warmup[model, precision])
+            print(f"| torch_xla {precision} | {cells} | {ratio} |")
     if args.original:
-        overhead = kernel_overhead(max(args.reps, 10))
-        print("\nper-kernel cost: p = 0.9 p + 0.1 g over 22M floats, median ms\n")
-        print("| runtime | 1 array | 152 arrays | per extra array |")
-        print("|---|---:|---:|---:|")
-        for runtime in ("torch_xla", "JAX"):
+        overhead = array_overhead(max(args.reps, 10))
+        print("\none more array per update: p = 0.9 p + 0.1 g over 22M floats, median ms\n")
+        print("| runtime | 1 array | 152 arrays | per extra array | of which XLA execution (1 / 152 arrays) |")
+        print("|---|---:|---:|---:|---:|")
+        for runtime in ("torch_xla, in place", "torch_xla, out of place", "JAX"):
             one, split = overhead[runtime, 1], overhead[runtime, 152]
-            print(f"| {runtime} | {one:.1f} | {split:.1f} | {1e3 * (split - one) / 151:.0f} us |")
+            executed = [overhead.get((f"{runtime} (XLA execution)", arrays)) for arrays in (1, 152)]
+            executed = " / ".join(f"{ms:.1f}" for ms in executed) if executed[0] is not None else "-"
+            print(f"| {runtime} | {one:.1f} | {split:.1f} | {1e3 * (split - one) / 151:.0f} us | {executed} |")
     raw = [{f"{m} {p}": [round(t, 3) for t in ts] for (m, p), ts in result.times.items()} for result in results]
     print("\nraw times (s), one object per group: " + json.dumps(raw))
 
 
-def _timing_cells(times: list, report: dict) -> str:
-    """median | min | warm-up | graphs compiled (compile seconds) cells of one setup's row."""
+def _timing_cells(times: list, executed: list | None, report: dict) -> str:
+    """median | of which XLA execution (median; "-" for JAX) | min | warm-up | graphs compiled
+    (compile seconds) cells of one setup's row."""
     compiled = f"{report['compiles']} ({report['compile_s']:.1f})" if report["compiles"] else "-"
-    return f"{statistics.median(times):.3f} | {min(times):.3f} | {report['warmup_s']:.1f} | {compiled}"
+    execution = f"{statistics.median(executed):.3f}" if executed is not None else "-"
+    return f"{statistics.median(times):.3f} | {execution} | {min(times):.3f} | {report['warmup_s']:.1f} | {compiled}"
 
 
 @dataclass
 class GroupResult:
     times: dict  # setup -> seconds per timed update
     faults: dict  # setup -> minor page faults per timed update
+    execute: dict  # setup -> seconds of each timed update XLA spent executing (torch_xla; 0 for JAX)
     warmup: dict  # setup -> the worker's warm-up report
     compiles: int  # torch_xla compilations during timing, all setups
 
@@ -416,18 +461,19 @@ def time_round_robin(setups: list, args) -> GroupResult:
         for setup in setups:
             workers[setup] = Worker(*setup, args.batch, args.original)
         compiles_before = {setup: worker.ask("compiles")["compiles"] for setup, worker in workers.items()}
-        times, faults = {setup: [] for setup in setups}, {setup: [] for setup in setups}
+        times, faults, execute = ({setup: [] for setup in setups} for _ in range(3))
         for rep in range(WARMUP_ROUNDS + args.reps):
             for setup, worker in workers.items():
                 reply = worker.ask("step")
                 if rep >= WARMUP_ROUNDS:
                     times[setup].append(reply["seconds"])
                     faults[setup].append(reply["faults"])
+                    execute[setup].append(reply["execute"])
         compiles = sum(worker.ask("compiles")["compiles"] - compiles_before[setup] for setup, worker in workers.items())
     finally:
         for worker in workers.values():
             worker.close()
-    return GroupResult(times, faults, {setup: worker.warmup for setup, worker in workers.items()}, compiles)
+    return GroupResult(times, faults, execute, {setup: worker.warmup for setup, worker in workers.items()}, compiles)
 
 
 if __name__ == "__main__":
