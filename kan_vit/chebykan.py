@@ -84,8 +84,8 @@ def _chebyshev_basis_t(t: torch.Tensor, degree: int, rows: bool | None = None) -
     Eager: written into column slices of one (N, K * D) buffer, returned as its transposed view.
     XLA (`rows`, the default there): the recurrence runs on t^T and one concatenation stacks the
     row blocks, a contiguous pass XLA fuses with the recurrence, and the weight-gradient GEMM reads
-    its operand untransposed (KAN-S train step 1-4% faster on XLA:CPU than with column blocks in
-    five runs of benchmarks/xla_step.py --changes). torch.compile: column blocks concatenated.
+    its operand untransposed (KAN-S train step 1-7% faster on XLA:CPU than with column blocks in
+    eight runs of benchmarks/xla_step.py --changes). torch.compile: column blocks concatenated.
     """
     rows = t.device.type == "xla" if rows is None else rows
     if rows:
