@@ -19,8 +19,6 @@ import os
 
 import torch
 
-from .vision_transformer import KeyPaddedAttention
-
 XLA, ACCELERATE = "xla", "accelerate"
 
 
@@ -91,7 +89,7 @@ class XlaBackend:
         for module in model.modules():
             if hasattr(module, "fused_attn"):
                 module.fused_attn = False
-            if isinstance(module, KeyPaddedAttention):
+            if hasattr(module, "key_multiple"):
                 module.key_multiple = 8
         return model
 

@@ -136,12 +136,12 @@ class KeyPaddedAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        pad = 0 if self.key_multiple is None or attn_mask is not None or is_causal else -N % self.key_multiple
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
             )
         else:
+            pad = 0 if self.key_multiple is None or attn_mask is not None or is_causal else -N % self.key_multiple
             if pad:
                 k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
                 keys = torch.arange(N + pad, device=x.device)  # an iota: constant-folded by XLA
