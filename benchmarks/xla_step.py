@@ -75,10 +75,16 @@ ORIGINAL_STEPS = {
 }
 # --changes: the step with this project's XLA changes reverted, cumulatively
 UNDO = {
-    "before the changes": ("attention", "adamw", "kan_rows", "key_padding"),
-    "without GroupStepAdamW, KAN row blocks, key padding": ("adamw", "kan_rows", "key_padding"),
-    "without the KAN row blocks, key padding": ("kan_rows", "key_padding"),
-    "without the key padding": ("key_padding",),
+    "before the changes": ("attention", "adamw", "kan_rows", "key_padding", "kan_recompute"),
+    "without GroupStepAdamW, KAN row blocks, key padding, KAN recompute": (
+        "adamw",
+        "kan_rows",
+        "key_padding",
+        "kan_recompute",
+    ),
+    "without the KAN row blocks, key padding, KAN recompute": ("kan_rows", "key_padding", "kan_recompute"),
+    "without the key padding, KAN recompute": ("key_padding", "kan_recompute"),
+    "without the KAN recompute": ("kan_recompute",),
 }
 WARMUP_UPDATES = 2
 # untimed round-robin rounds once all of a group's workers are up: the original's KAN step (~750k
@@ -112,7 +118,8 @@ def torch_xla_update(cfg, undo: tuple = ()):
     reverts this project's XLA step changes, to measure what each bought: "attention" (SDPA instead
     of the explicit attention), "adamw" (torch's capturable AdamW instead of GroupStepAdamW),
     "kan_rows" (the KAN basis as column blocks of an (N, K * D) matrix instead of row blocks),
-    "key_padding" (attention over the 197 keys instead of keys padded to 200)."""
+    "key_padding" (attention over the 197 keys instead of keys padded to 200), "kan_recompute" (the
+    KAN backward reads x directly, so XLA's CSE keeps each layer's basis from the forward)."""
     import torch_xla
     import torch_xla.core.xla_model as xm
 
@@ -136,15 +143,17 @@ def torch_xla_update(cfg, undo: tuple = ()):
     )
     torch_xla.sync()  # device data, as the loader's batches: the first update traces the steady graph
 
-    basis = chebykan._chebyshev_basis_t
+    basis, after_gradient = chebykan._chebyshev_basis_t, chebykan._after_gradient
     layout = functools.partial(basis, rows=False) if "kan_rows" in undo else basis
+    backward_input = (lambda x, grad: x) if "kan_recompute" in undo else after_gradient
 
     def update():
-        chebykan._chebyshev_basis_t = layout  # read when the step is traced, every update
+        # read when the step is traced, every update
+        chebykan._chebyshev_basis_t, chebykan._after_gradient = layout, backward_input
         try:
             train.train_step(state, [micro_batch], cfg)
         finally:
-            chebykan._chebyshev_basis_t = basis
+            chebykan._chebyshev_basis_t, chebykan._after_gradient = basis, after_gradient
         xm.wait_device_ops()
 
     return update

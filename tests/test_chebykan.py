@@ -4,6 +4,10 @@ The memory-efficient autograd Function: exact against the einsum reference, save
 for backward, keeps dtypes (float64 end to end, bf16 autocast with an fp32 basis), and runs under
 torch_xla."""
 
+import os
+import re
+import subprocess
+import sys
 from math import comb
 
 import numpy as np
@@ -225,6 +229,49 @@ def test_xla_matches_cpu():
     torch.testing.assert_close(y.cpu(), cheby_kan_reference(x, coef).detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gxx.cpu(), gx, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gcx.cpu(), gc, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_xla_non_finite_gradient_spreads_as_in_the_reference(poison):
+    """A non-finite incoming gradient at [0, 0] (the entry the backward's recomputation waits on)
+    makes exactly the reference's entries non-finite: row 0 of dL/dx, column 0 of dL/dC."""
+    import torch_xla
+
+    dev = torch_xla.device()
+    x, coef = _inputs(torch.float32, shape=(6, 5), d_out=4)
+    grad_y = torch.ones(6, 4)
+    grad_y[0, 0] = poison
+    want = torch.autograd.grad(cheby_kan_reference(x, coef), (x, coef), grad_y)
+    xx, cx = x.detach().to(dev).requires_grad_(), coef.detach().to(dev).requires_grad_()
+    got = torch.autograd.grad(cheby_kan(xx, cx), (xx, cx), grad_y.to(dev))
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu().isfinite(), w.isfinite())
+        assert not w.isfinite().all() and w.isfinite().any()
+
+
+def test_xla_backward_recomputes_the_basis(tmp_path):
+    """Eight stacked layers' forward + backward compiled by XLA: its temporary buffer holds under
+    half the layers' bases (each K * in floats per token), i.e. XLA recomputes each basis in
+    backward; keeping them all, as XLA's CSE would, needs at least eight."""
+    script = (
+        "import torch, torch_xla\n"
+        "from kan_vit import cheby_kan\n"
+        "dev = torch_xla.device()\n"
+        "x = torch.randn(1024, 64).to(dev).requires_grad_()\n"
+        "coefs = [(0.02 * torch.randn(64, 64, 9)).to(dev).requires_grad_() for _ in range(8)]\n"
+        "torch_xla.sync()\n"
+        "h = x\n"
+        "for c in coefs:\n"
+        "    h = cheby_kan(h, c)\n"
+        "grads = torch.autograd.grad(h.square().sum(), [x, *coefs])\n"
+        "torch_xla.sync()\n"
+    )
+    env = dict(os.environ, PJRT_DEVICE="CPU", XLA_FLAGS=f"--xla_dump_to={tmp_path}")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True, timeout=300)
+    (assignment,) = tmp_path.glob("*SyncTensorsGraph*cpu_after_optimizations-buffer-assignment.txt")
+    temp = re.search(r"^allocation \d+: size (\d+), preallocated-temp:", assignment.read_text(), re.MULTILINE)
+    basis_bytes = 8 * 64 * 1024 * 4
+    assert int(temp.group(1)) < 4 * basis_bytes
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "xla"])
