@@ -9,9 +9,12 @@ AdamW, interval metrics, then xm.wait_device_ops() so the time covers execution.
 lives in its own worker process and runs its warm-up updates there (the first update's graph
 creates the optimizer state, the second is the steady step) while the others wait; then this
 process times the workers round-robin, one update at a time, so load from other processes hits
-each alike. One model's setups are alive at a time: the original's step takes ~750k page faults
-per update, ran 3.0-7.6 s in one process shared with torch_xla setups, and slower with all six
-setups' workers alive than with its own model's only (README). Each update's minor page
+each alike. `--turn N` gives each setup N consecutive updates per turn instead and reports each
+turn's first update apart: on this project's VM a step right after another process's update can
+run slower than the steps after it (README). One model's setups are alive at a time: the
+original's step takes ~750k page faults per update, ran 3.0-7.6 s in one process shared with
+torch_xla setups, and slower with all six setups' workers alive than with its own model's only
+(README). Each update's minor page
 faults are counted: the XLA:CPU runtime maps its temporary buffer afresh for every execution (on
 a TPU that is device memory). Compilations during timing must be 0.
 
@@ -359,8 +362,15 @@ def main():
     parser.add_argument(
         "--changes",
         action="store_true",
-        help="also time fp32 with the explicit attention, GroupStepAdamW, KAN row blocks, key padding reverted "
-        "(what each bought)",
+        help="also time fp32 with the explicit attention, GroupStepAdamW, KAN row blocks, key padding, KAN "
+        "recompute reverted (what each bought)",
+    )
+    parser.add_argument(
+        "--turn",
+        type=int,
+        default=1,
+        help="consecutive updates per setup and turn (default 1: strict round-robin); above 1 each turn's first "
+        "update, the one right after another process's, is reported apart and left out of the medians",
     )
     parser.add_argument("--no-hlo", action="store_true", help="skip the HLO counts (two compilations less per setup)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
@@ -372,6 +382,8 @@ def main():
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
 
+    if args.turn < 1:
+        parser.error(f"--turn {args.turn}: give at least 1 update per turn")
     if args.worker:
         serve(*args.worker, args.batch, args.original)
         return
@@ -396,9 +408,9 @@ def main():
         f"load average (1, 5, 15 min) after timing: {load_average[0]:.2f}, {load_average[1]:.2f}, {load_average[2]:.2f}"
     )
     print(
-        f"batch {args.batch}, {args.reps} round-robin reps after {WARMUP_UPDATES} warm-up updates and {WARMUP_ROUNDS} "
-        f"untimed rounds, each setup in its own process, one model's setups alive at a time; torch_xla "
-        f"compilations during timing: {sum(result.compiles for result in results)}\n"
+        f"batch {args.batch}, {args.reps} round-robin turns of {args.turn} update(s) after {WARMUP_UPDATES} warm-up "
+        f"updates and {WARMUP_ROUNDS} untimed rounds, each setup in its own process, one model's setups alive at a "
+        f"time; torch_xla compilations during timing: {sum(result.compiles for result in results)}\n"
     )
     print(
         "| model | step | median s | of which XLA execution s | min s | warm-up s | graphs compiled (s) | vs "
@@ -418,6 +430,15 @@ def main():
         cells = _timing_cells(times[model, precision], executed, warmup[model, precision])
         page_faults = f"{statistics.median(faults[model, precision]):,.0f}"
         print(f"| {model} | {step} | {cells} | {ratio or '-'} | {page_faults} | {sizes} |")
+    if args.turn > 1:
+        first = {setup: ts for result in main_results for setup, ts in result.first.items()}
+        print("\neach turn's first update (right after another process's update), left out above\n")
+        print("| model | step | first update of a turn, median s | the turn's other updates, median s |")
+        print("|---|---|---:|---:|")
+        for model, precision in setups:
+            step = ORIGINAL_STEPS[precision][0] if precision in ORIGINAL_STEPS else f"torch_xla {precision}"
+            firsts, rest = statistics.median(first[model, precision]), statistics.median(times[model, precision])
+            print(f"| {model} | {step} | {firsts:.3f} | {rest:.3f} |")
     for result in change_results:
         (model, _), *_ = result.times
         print(f"\n{model}, fp32, with this project's XLA changes reverted (timed round-robin on their own)\n")
@@ -460,21 +481,28 @@ class GroupResult:
     execute: dict  # setup -> seconds of each timed update XLA spent executing (torch_xla; 0 for JAX)
     warmup: dict  # setup -> the worker's warm-up report
     compiles: int  # torch_xla compilations during timing, all setups
+    first: dict  # setup -> seconds of each turn's first update (empty with one update per turn)
 
 
 def time_round_robin(setups: list, args) -> GroupResult:
     """Each setup's warm-up in its own worker, one after another, then WARMUP_ROUNDS untimed and
-    `args.reps` timed round-robin updates."""
+    `args.reps` timed round-robin turns of `args.turn` updates; with more than one update per
+    turn, each turn's first update is kept apart (`GroupResult.first`)."""
     workers = {}
     try:
         for setup in setups:
             workers[setup] = Worker(*setup, args.batch, args.original)
         compiles_before = {setup: worker.ask("compiles")["compiles"] for setup, worker in workers.items()}
-        times, faults, execute = ({setup: [] for setup in setups} for _ in range(3))
+        times, faults, execute, first = ({setup: [] for setup in setups} for _ in range(4))
         for rep in range(WARMUP_ROUNDS + args.reps):
             for setup, worker in workers.items():
-                reply = worker.ask("step")
-                if rep >= WARMUP_ROUNDS:
+                for update in range(args.turn):
+                    reply = worker.ask("step")
+                    if rep < WARMUP_ROUNDS:
+                        continue
+                    if update == 0 and args.turn > 1:
+                        first[setup].append(reply["seconds"])
+                        continue
                     times[setup].append(reply["seconds"])
                     faults[setup].append(reply["faults"])
                     execute[setup].append(reply["execute"])
@@ -482,7 +510,8 @@ def time_round_robin(setups: list, args) -> GroupResult:
     finally:
         for worker in workers.values():
             worker.close()
-    return GroupResult(times, faults, execute, {setup: worker.warmup for setup, worker in workers.items()}, compiles)
+    warmup = {setup: worker.warmup for setup, worker in workers.items()}
+    return GroupResult(times, faults, execute, warmup, compiles, first)
 
 
 if __name__ == "__main__":
