@@ -13,8 +13,8 @@ Two formulations compute the same function:
   columns: exactly the FLOPs of a 4x MLP at K = 8. In a compiled XLA step the compiler's
   common-subexpression elimination would merge the recomputed basis with the forward's and keep
   it (K*in floats per token) from forward to backward; the backward reads x through
-  `_after_gradient`, so XLA recomputes too (the KAN-ViT-S train step at batch 8: 268 instead of
-  550 MiB of temporary memory on XLA:CPU, at the same speed).
+  `_after_gradient`, so XLA recomputes too (benchmarks/xla_step.py, KAN-ViT-S train step at
+  batch 8: 319 instead of 550 MiB of temporary memory on XLA:CPU, at the same speed).
 
 `ChebyKAN` uses `cheby_kan` eagerly, on XLA and under torch.compile / torch.export (both trace
 it), and the reference when scripted: TorchScript cannot compile an autograd Function.
