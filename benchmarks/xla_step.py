@@ -14,9 +14,9 @@ turn's first update apart: on this project's VM a step right after another proce
 run slower than the steps after it (README). One model's setups are alive at a time: the
 original's step takes ~750k page faults per update, ran 3.0-7.6 s in one process shared with
 torch_xla setups, and slower with all six setups' workers alive than with its own model's only
-(README). Each update's minor page
-faults are counted: the XLA:CPU runtime maps its temporary buffer afresh for every execution (on
-a TPU that is device memory). Compilations during timing must be 0.
+(README). Each update's minor page faults are counted: the XLA:CPU runtime maps its temporary
+buffer afresh for every execution (on a TPU that is device memory). Compilations during timing
+must be 0.
 
 --original PATH (the `src` folder of a KAN-ViT checkout; needs flax, optax and chex) adds the
 original's own `training_step` (jax.pmap over one device, donated state) on the same batch, with

@@ -124,7 +124,7 @@ def _after_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """x, exactly, as a value XLA can compute only once `grad` exists, so that CSE cannot merge the
     backward's recomputation from x with the forward's. The select's predicate is true for every
     value, NaN and inf included, and XLA does not fold it. Eager autograd needs no such thing."""
-    if x.device.type != "xla":
+    if x.device.type != "xla" or grad.numel() == 0:
         return x
     g = grad.reshape(-1)[:1]
     return torch.where((g == g) | (g != g), x, 0)

@@ -249,6 +249,19 @@ def test_xla_non_finite_gradient_spreads_as_in_the_reference(poison):
         assert not w.isfinite().all() and w.isfinite().any()
 
 
+def test_xla_empty_batch():
+    """No tokens: an empty output and input gradient, all-zero coefficient gradient, on XLA too."""
+    import torch_xla
+
+    dev = torch_xla.device()
+    x = torch.randn(0, 5, device=dev, requires_grad=True)
+    coef = torch.randn(5, 4, 9, device=dev, requires_grad=True)
+    y = cheby_kan(x, coef)
+    gx, gc = torch.autograd.grad(y.sum(), (x, coef))
+    assert y.shape == (0, 4) and gx.shape == (0, 5)
+    assert torch.equal(gc.cpu(), torch.zeros(5, 4, 9))
+
+
 def test_xla_backward_recomputes_the_basis(tmp_path):
     """Eight stacked layers' forward + backward compiled by XLA: its temporary buffer holds under
     half the layers' bases (each K * in floats per token), i.e. XLA recomputes each basis in
