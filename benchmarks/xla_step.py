@@ -76,18 +76,17 @@ ORIGINAL_STEPS = {
     "original": ("original (JAX, fp32)", ""),
     "original-eigen": ("original, Eigen dots", "--xla_cpu_experimental_ynn_fusion_type="),
 }
-# --changes: the step with this project's XLA changes reverted, cumulatively
-UNDO = {
-    "before the changes": ("attention", "adamw", "kan_rows", "key_padding", "kan_recompute"),
-    "without GroupStepAdamW, KAN row blocks, key padding, KAN recompute": (
-        "adamw",
-        "kan_rows",
-        "key_padding",
-        "kan_recompute",
-    ),
-    "without the KAN row blocks, key padding, KAN recompute": ("kan_rows", "key_padding", "kan_recompute"),
-    "without the key padding, KAN recompute": ("key_padding", "kan_recompute"),
-    "without the KAN recompute": ("kan_recompute",),
+# this project's XLA step changes, oldest first: the names torch_xla_update's `undo` takes, labels
+CHANGES = {
+    "attention": "explicit attention",
+    "adamw": "GroupStepAdamW",
+    "kan_rows": "KAN row blocks",
+    "key_padding": "key padding",
+    "kan_recompute": "KAN recompute",
+}
+# --changes: the step with the changes reverted cumulatively, from all of them to the newest alone
+UNDO = {"before the changes": tuple(CHANGES)} | {
+    "without " + ", ".join(list(CHANGES.values())[first:]): tuple(CHANGES)[first:] for first in range(1, len(CHANGES))
 }
 WARMUP_UPDATES = 2
 # untimed round-robin rounds once all of a group's workers are up: the original's KAN step (~750k
@@ -425,7 +424,7 @@ def main():
         )
         counts = hlo.get((model, precision))
         sizes = f"{counts['temp_mib']:,.0f} | {counts['before']:,} / {counts['after']:,}" if counts else "- | -"
-        step = ORIGINAL_STEPS[precision][0] if precision in ORIGINAL_STEPS else f"torch_xla {precision}"
+        step = _step_label(precision)
         executed = None if precision in ORIGINAL_STEPS else execute[model, precision]
         cells = _timing_cells(times[model, precision], executed, warmup[model, precision])
         page_faults = f"{statistics.median(faults[model, precision]):,.0f}"
@@ -436,7 +435,7 @@ def main():
         print("| model | step | first update of a turn, median s | the turn's other updates, median s |")
         print("|---|---|---:|---:|")
         for model, precision in setups:
-            step = ORIGINAL_STEPS[precision][0] if precision in ORIGINAL_STEPS else f"torch_xla {precision}"
+            step = _step_label(precision)
             firsts, rest = statistics.median(first[model, precision]), statistics.median(times[model, precision])
             print(f"| {model} | {step} | {firsts:.3f} | {rest:.3f} |")
     for result in change_results:
@@ -464,6 +463,11 @@ def main():
             print(f"| {runtime} | {one:.1f} | {split:.1f} | {1e3 * (split - one) / 151:.0f} us | {executed} |")
     raw = [{f"{m} {p}": [round(t, 3) for t in ts] for (m, p), ts in result.times.items()} for result in results]
     print("\nraw times (s), one object per group: " + json.dumps(raw))
+
+
+def _step_label(precision: str) -> str:
+    """A main table's "step" cell: the original's label, or torch_xla and the precision."""
+    return ORIGINAL_STEPS[precision][0] if precision in ORIGINAL_STEPS else f"torch_xla {precision}"
 
 
 def _timing_cells(times: list, executed: list | None, report: dict) -> str:
