@@ -16,7 +16,16 @@ original's step takes ~750k page faults per update, ran 3.0-7.6 s in one process
 torch_xla setups, and slower with all six setups' workers alive than with its own model's only
 (README). Each update's minor page faults are counted: the XLA:CPU runtime maps its temporary
 buffer afresh for every execution (on a TPU that is device memory). Compilations during timing
-must be 0.
+must be 0. Each run also shows every setup's fastest and slowest quarter of timed updates with
+their CPU time (user + system, all threads) and voluntary context switches: whether a slow update
+did more work or the same work more slowly (README).
+
+--keep-memory runs every worker, this project's and the original's alike, with glibc's allocator
+told to keep freed memory (`KEEP_MEMORY`: one arena, no mmap, no trimming), so no update maps
+memory afresh and none takes page faults: on a TPU the runtime holds device memory for good, and
+the CPU's page faults (the original's KAN step maps ~2.9 GB per update) are not part of a graph's
+speed there. The price: one arena serialises the runtimes' allocations from several threads
+(more voluntary context switches).
 
 --original PATH (the `src` folder of a KAN-ViT checkout; needs flax, optax and chex) adds the
 original's own `training_step` (jax.pmap over one device, donated state) on the same batch, with
@@ -87,6 +96,10 @@ CHANGES = {
 # --changes: the step with the changes reverted cumulatively, from all of them to the newest alone
 UNDO = {"before the changes": tuple(CHANGES)} | {
     "without " + ", ".join(list(CHANGES.values())[first:]): tuple(CHANGES)[first:] for first in range(1, len(CHANGES))
+}
+# --keep-memory: glibc keeps what the step frees (one arena that grows by brk, never trimmed)
+KEEP_MEMORY = {
+    "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 }
 WARMUP_UPDATES = 2
 # untimed round-robin rounds once all of a group's workers are up: the original's KAN step (~750k
@@ -266,12 +279,18 @@ def serve(model: str, precision: str, batch: int, original: str | None) -> None:
     channel.write(json.dumps(report) + "\n")
     for command in sys.stdin:
         if command.strip() == "step":
-            faults, execute = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, executed()
+            before, execute = resource.getrusage(resource.RUSAGE_SELF), executed()
             start = time.perf_counter()
             update()
             seconds = time.perf_counter() - start
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-            reply = dict(seconds=seconds, faults=faults, execute=executed() - execute)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            reply = dict(
+                seconds=seconds,
+                faults=after.ru_minflt - before.ru_minflt,
+                execute=executed() - execute,
+                cpu=after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+                switches=after.ru_nvcsw - before.ru_nvcsw,
+            )
             channel.write(json.dumps(reply) + "\n")
         else:  # "compiles"
             channel.write(json.dumps(dict(compiles=stats()[0])) + "\n")
@@ -339,7 +358,47 @@ def hlo_counts(dump_dir: str, original: bool) -> dict:
     with open(after.replace(".txt", "-buffer-assignment.txt")) as f:
         temp = re.search(r"^allocation \d+: size (\d+), preallocated-temp:", f.read(), re.MULTILINE)
     counts["temp_mib"] = int(temp.group(1)) / 2**20 if temp else 0.0
+    with open(after) as f:
+        counts["dot_gflop"] = dot_flops(f.read()) / 1e9
     return counts
+
+
+def dot_flops(hlo: str) -> int:
+    """Multiply-adds x 2 of every dot in an HLO module's text: 2 * output elements * the product
+    of the lhs contracting dimensions (batch dimensions are part of the output)."""
+    dims = {
+        name: [int(d) for d in shape.split(",") if d]
+        for name, shape in re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", hlo)
+    }
+    total = 0
+    for out, lhs, contracting in re.findall(
+        r"= \w+\[([\d,]*)\]\S* dot\((?:\S+ )?%([\w.\-]+), (?:\S+ )?%[\w.\-]+\), "
+        r"[^\n]*?lhs_contracting_dims=\{([\d,]*)\}",
+        hlo,
+    ):
+        size = 2 * np.prod([int(d) for d in out.split(",") if d], dtype=np.int64)
+        total += int(size * np.prod([dims[lhs][int(i)] for i in contracting.split(",") if i], dtype=np.int64))
+    return total
+
+
+def gemm_gflops(reps: int) -> float:
+    """GFLOPS of one plain float32 GEMM on torch_xla at the KAN-ViT-S feed-forward's shape
+    (1,576 tokens x 3,072 basis columns x 384 outputs, batch 8), execution only: a ceiling for
+    the step's dots on this machine."""
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+
+    device = torch_xla.device()
+    a, b = torch.randn(1576, 3072).to(device), torch.randn(3072, 384).to(device)
+    seconds = []
+    for _ in range(reps + 3):
+        start = execute_seconds()
+        product = torch.mm(a, b)
+        torch_xla.sync()  # computes `product`, a live tensor
+        xm.wait_device_ops()
+        del product
+        seconds.append(execute_seconds() - start)
+    return 2 * 1576 * 3072 * 384 / statistics.median(seconds[3:]) / 1e9
 
 
 def hlo_child(model: str, precision: str, batch: int, original: str | None) -> dict:
@@ -371,6 +430,11 @@ def main():
         help="consecutive updates per setup and turn (default 1: strict round-robin); above 1 each turn's first "
         "update, the one right after another process's, is reported apart and left out of the medians",
     )
+    parser.add_argument(
+        "--keep-memory",
+        action="store_true",
+        help="run every worker with glibc keeping freed memory (no page faults per update; see below)",
+    )
     parser.add_argument("--no-hlo", action="store_true", help="skip the HLO counts (two compilations less per setup)")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -397,8 +461,8 @@ def main():
     setups = [setup for group in main_groups for setup in group]
     hlo = {} if args.no_hlo else {setup: hlo_child(*setup, args.batch, args.original) for setup in setups}
     times = {setup: ts for result in main_results for setup, ts in result.times.items()}
-    faults = {setup: fs for result in main_results for setup, fs in result.faults.items()}
-    execute = {setup: es for result in main_results for setup, es in result.execute.items()}
+    faults = {setup: fs for result in main_results for setup, fs in result.field("faults").items()}
+    execute = {setup: es for result in main_results for setup, es in result.field("execute").items()}
     warmup = {setup: report for result in main_results for setup, report in result.warmup.items()}
     results = main_results + change_results
 
@@ -406,10 +470,11 @@ def main():
     print(
         f"load average (1, 5, 15 min) after timing: {load_average[0]:.2f}, {load_average[1]:.2f}, {load_average[2]:.2f}"
     )
+    kept = f"; every worker keeps its freed memory ({KEEP_MEMORY['GLIBC_TUNABLES']})" if args.keep_memory else ""
     print(
         f"batch {args.batch}, {args.reps} round-robin turns of {args.turn} update(s) after {WARMUP_UPDATES} warm-up "
         f"updates and {WARMUP_ROUNDS} untimed rounds, each setup in its own process, one model's setups alive at a "
-        f"time; torch_xla compilations during timing: {sum(result.compiles for result in results)}\n"
+        f"time{kept}; torch_xla compilations during timing: {sum(result.compiles for result in results)}\n"
     )
     print(
         "| model | step | median s | of which XLA execution s | min s | warm-up s | graphs compiled (s) | vs "
@@ -429,6 +494,16 @@ def main():
         cells = _timing_cells(times[model, precision], executed, warmup[model, precision])
         page_faults = f"{statistics.median(faults[model, precision]):,.0f}"
         print(f"| {model} | {step} | {cells} | {ratio or '-'} | {page_faults} | {sizes} |")
+    print()
+    if hlo:
+        flops = ", ".join(
+            f"{model} {_step_label(precision)} {counts['dot_gflop']:.1f}" for (model, precision), counts in hlo.items()
+        )
+        print(f"dots in each step graph after XLA's passes, GFLOP per update: {flops}")
+    print(
+        f"one plain float32 GEMM (1576 x 3072 @ 3072 x 384, the KAN-ViT-S feed-forward's) on torch_xla: "
+        f"{gemm_gflops(args.reps):.0f} GFLOPS, XLA execution, median of {args.reps}"
+    )
     if args.turn > 1:
         first = {setup: ts for result in main_results for setup, ts in result.first.items()}
         print("\neach turn's first update (right after another process's update), left out above\n")
@@ -438,6 +513,16 @@ def main():
             step = _step_label(precision)
             firsts, rest = statistics.median(first[model, precision]), statistics.median(times[model, precision])
             print(f"| {model} | {step} | {firsts:.3f} | {rest:.3f} |")
+    updates = {setup: replies for result in main_results for setup, replies in result.updates.items()}
+    print(
+        "\nthe fastest and the slowest quarter of each setup's timed updates: median s, CPU s (user + system, all "
+        "threads), voluntary context switches\n"
+    )
+    print("| model | step | fastest quarter | slowest quarter |")
+    print("|---|---|---:|---:|")
+    for model, precision in setups:
+        fast, slow = _quarters(updates[model, precision])
+        print(f"| {model} | {_step_label(precision)} | {fast} | {slow} |")
     for result in change_results:
         (model, _), *_ = result.times
         print(f"\n{model}, fp32, with this project's XLA changes reverted (timed round-robin on their own)\n")
@@ -449,7 +534,7 @@ def main():
         reference = statistics.median(result.times[model, "fp32"])
         for (_, precision), ts in result.times.items():
             ratio = f"{statistics.median(ts) / reference:.2f}x"
-            cells = _timing_cells(ts, result.execute[model, precision], result.warmup[model, precision])
+            cells = _timing_cells(ts, result.field("execute")[model, precision], result.warmup[model, precision])
             print(f"| torch_xla {precision} | {cells} | {ratio} |")
     if args.original:
         overhead = array_overhead(max(args.reps, 10))
@@ -470,6 +555,19 @@ def _step_label(precision: str) -> str:
     return ORIGINAL_STEPS[precision][0] if precision in ORIGINAL_STEPS else f"torch_xla {precision}"
 
 
+def _quarters(replies: list) -> tuple[str, str]:
+    """The fastest and the slowest quarter of one setup's updates (at least one each): median
+    seconds, CPU seconds and voluntary context switches, as two "s / CPU s / switches" cells."""
+    ordered = sorted(replies, key=lambda reply: reply["seconds"])
+    size = max(1, len(ordered) // 4)
+
+    def cell(part):
+        seconds, cpu, switches = (statistics.median(r[key] for r in part) for key in ("seconds", "cpu", "switches"))
+        return f"{seconds:.3f} / {cpu:.2f} / {switches:,.0f}"
+
+    return cell(ordered[:size]), cell(ordered[-size:])
+
+
 def _timing_cells(times: list, executed: list | None, report: dict) -> str:
     """median | of which XLA execution (median; "-" for JAX) | min | warm-up | graphs compiled
     (compile seconds) cells of one setup's row."""
@@ -480,12 +578,18 @@ def _timing_cells(times: list, executed: list | None, report: dict) -> str:
 
 @dataclass
 class GroupResult:
-    times: dict  # setup -> seconds per timed update
-    faults: dict  # setup -> minor page faults per timed update
-    execute: dict  # setup -> seconds of each timed update XLA spent executing (torch_xla; 0 for JAX)
+    updates: dict  # setup -> the worker's reply per timed update (`serve`)
     warmup: dict  # setup -> the worker's warm-up report
     compiles: int  # torch_xla compilations during timing, all setups
     first: dict  # setup -> seconds of each turn's first update (empty with one update per turn)
+
+    @property
+    def times(self) -> dict:
+        return self.field("seconds")
+
+    def field(self, name: str) -> dict:
+        """setup -> one field of the worker's reply, per timed update."""
+        return {setup: [reply[name] for reply in replies] for setup, replies in self.updates.items()}
 
 
 def time_round_robin(setups: list, args) -> GroupResult:
@@ -495,9 +599,9 @@ def time_round_robin(setups: list, args) -> GroupResult:
     workers = {}
     try:
         for setup in setups:
-            workers[setup] = Worker(*setup, args.batch, args.original)
+            workers[setup] = Worker(*setup, args.batch, args.original, env=KEEP_MEMORY if args.keep_memory else None)
         compiles_before = {setup: worker.ask("compiles")["compiles"] for setup, worker in workers.items()}
-        times, faults, execute, first = ({setup: [] for setup in setups} for _ in range(4))
+        updates, first = {setup: [] for setup in setups}, {setup: [] for setup in setups}
         for rep in range(WARMUP_ROUNDS + args.reps):
             for setup, worker in workers.items():
                 for update in range(args.turn):
@@ -507,15 +611,13 @@ def time_round_robin(setups: list, args) -> GroupResult:
                     if update == 0 and args.turn > 1:
                         first[setup].append(reply["seconds"])
                         continue
-                    times[setup].append(reply["seconds"])
-                    faults[setup].append(reply["faults"])
-                    execute[setup].append(reply["execute"])
+                    updates[setup].append(reply)
         compiles = sum(worker.ask("compiles")["compiles"] - compiles_before[setup] for setup, worker in workers.items())
     finally:
         for worker in workers.values():
             worker.close()
     warmup = {setup: worker.warmup for setup, worker in workers.items()}
-    return GroupResult(times, faults, execute, warmup, compiles, first)
+    return GroupResult(updates, warmup, compiles, first)
 
 
 if __name__ == "__main__":
