@@ -342,7 +342,7 @@ def hlo_counts(dump_dir: str, original: bool) -> dict:
     """Instruction counts of the steady step graph, before and after XLA's optimisation passes,
     and the size of the temporary buffer XLA assigned it (MiB): torch_xla's last-compiled graph
     (the first update's graph also creates the optimizer state), or JAX's largest module (the
-    training step; the others set up the state)."""
+    training step; the others set up the state), and the GFLOP of its dots after the passes."""
     before = sorted(glob.glob(os.path.join(dump_dir, "module_*.before_optimizations.txt")))
     if original:
         before = sorted((path for path in before if ".jit_" in path), key=os.path.getsize)
@@ -351,15 +351,16 @@ def hlo_counts(dump_dir: str, original: bool) -> dict:
     if not before:
         raise RuntimeError(f"no HLO dump of the step in {dump_dir}")
     after = before[-1].replace("before_optimizations", "cpu_after_optimizations")
-    counts = {}
+    counts, texts = {}, {}
     for stage, path in (("before", before[-1]), ("after", after)):
         with open(path) as f:
-            counts[stage] = sum(1 for line in f if " = " in line and not line.lstrip().startswith(("//", "HloModule")))
+            texts[stage] = f.read()
+        lines = texts[stage].splitlines()
+        counts[stage] = sum(1 for line in lines if " = " in line and not line.lstrip().startswith(("//", "HloModule")))
     with open(after.replace(".txt", "-buffer-assignment.txt")) as f:
         temp = re.search(r"^allocation \d+: size (\d+), preallocated-temp:", f.read(), re.MULTILINE)
     counts["temp_mib"] = int(temp.group(1)) / 2**20 if temp else 0.0
-    with open(after) as f:
-        counts["dot_gflop"] = dot_flops(f.read()) / 1e9
+    counts["dot_gflop"] = dot_flops(texts["after"]) / 1e9
     return counts
 
 
@@ -460,10 +461,9 @@ def main():
     load_average = os.getloadavg()
     setups = [setup for group in main_groups for setup in group]
     hlo = {} if args.no_hlo else {setup: hlo_child(*setup, args.batch, args.original) for setup in setups}
-    times = {setup: ts for result in main_results for setup, ts in result.times.items()}
-    faults = {setup: fs for result in main_results for setup, fs in result.field("faults").items()}
-    execute = {setup: es for result in main_results for setup, es in result.field("execute").items()}
-    warmup = {setup: report for result in main_results for setup, report in result.warmup.items()}
+    main_result = GroupResult.joined(main_results)
+    times, faults, execute = main_result.times, main_result.field("faults"), main_result.field("execute")
+    warmup = main_result.warmup
     results = main_results + change_results
 
     print(machine_info())
@@ -505,7 +505,7 @@ def main():
         f"{gemm_gflops(args.reps):.0f} GFLOPS, XLA execution, median of {args.reps}"
     )
     if args.turn > 1:
-        first = {setup: ts for result in main_results for setup, ts in result.first.items()}
+        first = main_result.first
         print("\neach turn's first update (right after another process's update), left out above\n")
         print("| model | step | first update of a turn, median s | the turn's other updates, median s |")
         print("|---|---|---:|---:|")
@@ -513,7 +513,7 @@ def main():
             step = _step_label(precision)
             firsts, rest = statistics.median(first[model, precision]), statistics.median(times[model, precision])
             print(f"| {model} | {step} | {firsts:.3f} | {rest:.3f} |")
-    updates = {setup: replies for result in main_results for setup, replies in result.updates.items()}
+    updates = main_result.updates
     print(
         "\nthe fastest and the slowest quarter of each setup's timed updates: median s, CPU s (user + system, all "
         "threads), voluntary context switches\n"
@@ -582,6 +582,16 @@ class GroupResult:
     warmup: dict  # setup -> the worker's warm-up report
     compiles: int  # torch_xla compilations during timing, all setups
     first: dict  # setup -> seconds of each turn's first update (empty with one update per turn)
+
+    @classmethod
+    def joined(cls, results: list) -> "GroupResult":
+        """Groups of different setups as one result."""
+        return cls(
+            {setup: replies for result in results for setup, replies in result.updates.items()},
+            {setup: report for result in results for setup, report in result.warmup.items()},
+            sum(result.compiles for result in results),
+            {setup: seconds for result in results for setup, seconds in result.first.items()},
+        )
 
     @property
     def times(self) -> dict:
