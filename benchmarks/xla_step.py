@@ -27,6 +27,11 @@ the CPU's page faults (the original's KAN step maps ~2.9 GB per update) are not 
 speed there. The price: one arena serialises the runtimes' allocations from several threads
 (more voluntary context switches).
 
+--solo N times no comparison: each setup runs in N fresh processes, one after another, each alone
+on the machine, and every timed update's seconds are printed, a row per process. A setup that is
+slow in some of its processes and fast in others, while other setups show the same spells, is
+seeing the machine, not its graph (README). `--steps` picks which steps to time, in any mode.
+
 --original PATH (the `src` folder of a KAN-ViT checkout; needs flax, optax and chex) adds the
 original's own `training_step` (jax.pmap over one device, donated state) on the same batch, with
 the same recipe, in a worker of its own, twice: as JAX runs it by default, and with
@@ -437,6 +442,19 @@ def main():
         help="run every worker with glibc keeping freed memory (no page faults per update; see below)",
     )
     parser.add_argument("--no-hlo", action="store_true", help="skip the HLO counts (two compilations less per setup)")
+    parser.add_argument(
+        "--steps",
+        help=f"comma-separated steps to time, in that order, from {list(PRECISIONS + tuple(ORIGINAL_STEPS))} "
+        "(default: all; the original's need --original)",
+    )
+    parser.add_argument(
+        "--solo",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the comparison, run each setup in N fresh processes, one after another, each alone on the "
+        "machine, and print every update's time (see below)",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.original and not os.path.isfile(os.path.join(args.original, "training.py")):
@@ -448,12 +466,24 @@ def main():
 
     if args.turn < 1:
         parser.error(f"--turn {args.turn}: give at least 1 update per turn")
+    steps = PRECISIONS + (tuple(ORIGINAL_STEPS) if args.original else ())
+    if args.steps:
+        chosen = args.steps.split(",")
+        unknown = sorted(set(chosen) - set(steps))
+        if unknown:
+            without = "" if args.original else " (the original's steps need --original)"
+            parser.error(f"--steps: unknown {unknown}{without}; choose from {list(steps)}")
+        steps = tuple(dict.fromkeys(chosen))  # in the order given: --solo times them in that order
+    if args.solo < 0 or (args.solo and (args.changes or args.turn > 1)):
+        parser.error(f"--solo {args.solo}: give a number of processes >= 1, without --changes or --turn")
     if args.worker:
         serve(*args.worker, args.batch, args.original)
         return
 
+    if args.solo:
+        report_solo([(model, step) for model in models for step in steps], args)
+        return
     # one group's workers alive at a time: each model's main comparison, then its reverted changes
-    steps = PRECISIONS + (tuple(ORIGINAL_STEPS) if args.original else ())
     main_groups = [[(model, step) for step in steps] for model in models]
     change_groups = [[(model, "fp32")] + [(model, f"fp32 {name}") for name in UNDO] for model in models]
     main_results = [time_round_robin(group, args) for group in main_groups]
@@ -628,6 +658,42 @@ def time_round_robin(setups: list, args) -> GroupResult:
             worker.close()
     warmup = {setup: worker.warmup for setup, worker in workers.items()}
     return GroupResult(updates, warmup, compiles, first)
+
+
+def report_solo(setups: list, args) -> None:
+    """--solo: each setup in `args.solo` fresh worker processes, one after another, each alone on the
+    machine, then one table row per process with every timed update's seconds: a slow spell of the
+    machine shows in every setup's rows, a slow step in its own only."""
+    kept = f"; every worker keeps its freed memory ({KEEP_MEMORY['GLIBC_TUNABLES']})" if args.keep_memory else ""
+    print(machine_info())
+    print(
+        f"batch {args.batch}; each setup in {args.solo} fresh processes one after another, each alone on the machine: "
+        f"{WARMUP_UPDATES} warm-up updates, {WARMUP_ROUNDS} untimed, {args.reps} timed{kept}\n"
+    )
+    print("| model | step | process | median s | fastest quarter | slowest quarter | every timed update, s |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    times, compiles = {}, 0
+    for model, step in setups:
+        for process in range(1, args.solo + 1):
+            result = time_round_robin([(model, step)], args)
+            compiles += result.compiles
+            seconds = result.times[model, step]
+            times.setdefault((model, step), []).extend(seconds)
+            fast, slow = _quarters(result.updates[model, step])
+            every = " ".join(f"{s:.2f}" for s in seconds)
+            cells = f"{statistics.median(seconds):.3f} | {fast} | {slow} | {every}"
+            print(f"| {model} | {_step_label(step)} | {process} | {cells} |", flush=True)
+    load_average = ", ".join(f"{load:.2f}" for load in os.getloadavg())
+    print(f"\nquarters: median s / CPU s / voluntary context switches; load average (1, 5, 15 min): {load_average}")
+    print(f"torch_xla compilations during timing: {compiles}\n")
+    print("| model | step | median of all processes' updates, s | vs original / original with Eigen dots |")
+    print("|---|---|---:|---:|")
+    for (model, step), seconds in times.items():
+        median = statistics.median(seconds)
+        ratio = " / ".join(
+            f"{median / statistics.median(times[model, o]):.2f}x" for o in ORIGINAL_STEPS if (model, o) in times
+        )
+        print(f"| {model} | {_step_label(step)} | {median:.3f} | {ratio or '-'} |")
 
 
 if __name__ == "__main__":
