@@ -686,12 +686,12 @@ def report_solo(setups: list, args) -> None:
     load_average = ", ".join(f"{load:.2f}" for load in os.getloadavg())
     print(f"\nquarters: median s / CPU s / voluntary context switches; load average (1, 5, 15 min): {load_average}")
     print(f"torch_xla compilations during timing: {compiles}\n")
-    print("| model | step | median of all processes' updates, s | vs original / original with Eigen dots |")
+    print("| model | step | median of all processes' updates, s | vs original / original with Eigen dots (if timed) |")
     print("|---|---|---:|---:|")
     for (model, step), seconds in times.items():
         median = statistics.median(seconds)
         ratio = " / ".join(
-            f"{median / statistics.median(times[model, o]):.2f}x" for o in ORIGINAL_STEPS if (model, o) in times
+            f"{median / statistics.median(times[model, o]):.3f}x" for o in ORIGINAL_STEPS if (model, o) in times
         )
         print(f"| {model} | {_step_label(step)} | {median:.3f} | {ratio or '-'} |")
 
