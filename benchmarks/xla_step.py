@@ -25,7 +25,9 @@ told to keep freed memory (`KEEP_MEMORY`: one arena, no mmap, no trimming), so n
 memory afresh and none takes page faults: on a TPU the runtime holds device memory for good, and
 the CPU's page faults (the original's KAN step maps ~2.9 GB per update) are not part of a graph's
 speed there. The price: one arena serialises the runtimes' allocations from several threads
-(more voluntary context switches).
+(more voluntary context switches). `--keep-memory original` does so in the original's workers
+only: whether the ~3 GB that the original's KAN step frees per update, which this VM's kernel
+hands back to its host, slows the next process's update (README).
 
 --solo N times no comparison: each setup runs in N fresh processes, one after another, each alone
 on the machine, and every timed update's seconds are printed, a row per process. A setup that is
@@ -438,8 +440,11 @@ def main():
     )
     parser.add_argument(
         "--keep-memory",
-        action="store_true",
-        help="run every worker with glibc keeping freed memory (no page faults per update; see below)",
+        nargs="?",
+        const="all",
+        choices=("all", "original"),
+        help="run every worker (`all`, the default) or only the original's with glibc keeping freed memory (no page "
+        "faults per update; see below)",
     )
     parser.add_argument("--no-hlo", action="store_true", help="skip the HLO counts (two compilations less per setup)")
     parser.add_argument(
@@ -500,7 +505,7 @@ def main():
     print(
         f"load average (1, 5, 15 min) after timing: {load_average[0]:.2f}, {load_average[1]:.2f}, {load_average[2]:.2f}"
     )
-    kept = f"; every worker keeps its freed memory ({KEEP_MEMORY['GLIBC_TUNABLES']})" if args.keep_memory else ""
+    kept = _kept_note(args.keep_memory)
     print(
         f"batch {args.batch}, {args.reps} round-robin turns of {args.turn} update(s) after {WARMUP_UPDATES} warm-up "
         f"updates and {WARMUP_ROUNDS} untimed rounds, each setup in its own process, one model's setups alive at a "
@@ -580,6 +585,14 @@ def main():
     print("\nraw times (s), one object per group: " + json.dumps(raw))
 
 
+def _kept_note(keep_memory: str | None) -> str:
+    """The run description's note on --keep-memory ("" without it)."""
+    if not keep_memory:
+        return ""
+    workers = "every worker keeps its" if keep_memory == "all" else "the original's workers keep their"
+    return f"; {workers} freed memory ({KEEP_MEMORY['GLIBC_TUNABLES']})"
+
+
 def _step_label(precision: str) -> str:
     """A main table's "step" cell: the original's label, or torch_xla and the precision."""
     return ORIGINAL_STEPS[precision][0] if precision in ORIGINAL_STEPS else f"torch_xla {precision}"
@@ -639,7 +652,8 @@ def time_round_robin(setups: list, args) -> GroupResult:
     workers = {}
     try:
         for setup in setups:
-            workers[setup] = Worker(*setup, args.batch, args.original, env=KEEP_MEMORY if args.keep_memory else None)
+            keeps = args.keep_memory == "all" or (args.keep_memory == "original" and setup[1] in ORIGINAL_STEPS)
+            workers[setup] = Worker(*setup, args.batch, args.original, env=KEEP_MEMORY if keeps else None)
         compiles_before = {setup: worker.ask("compiles")["compiles"] for setup, worker in workers.items()}
         updates, first = {setup: [] for setup in setups}, {setup: [] for setup in setups}
         for rep in range(WARMUP_ROUNDS + args.reps):
@@ -664,7 +678,7 @@ def report_solo(setups: list, args) -> None:
     """--solo: each setup in `args.solo` fresh worker processes, one after another, each alone on the
     machine, then one table row per process with every timed update's seconds: a slow spell of the
     machine shows in every setup's rows, a slow step in its own only."""
-    kept = f"; every worker keeps its freed memory ({KEEP_MEMORY['GLIBC_TUNABLES']})" if args.keep_memory else ""
+    kept = _kept_note(args.keep_memory)
     print(machine_info())
     print(
         f"batch {args.batch}; each setup in {args.solo} fresh processes one after another, each alone on the machine: "
