@@ -26,8 +26,8 @@ memory afresh and none takes page faults: on a TPU the runtime holds device memo
 the CPU's page faults (the original's KAN step maps ~2.9 GB per update) are not part of a graph's
 speed there. The price: one arena serialises the runtimes' allocations from several threads
 (more voluntary context switches). `--keep-memory original` does so in the original's workers
-only: whether the ~3 GB that the original's KAN step frees per update, which this VM's kernel
-hands back to its host, slows the next process's update (README).
+only: whether the ~3 GB that the original's KAN step frees per update slows the next process's
+update, on a VM whose kernel reports freed memory to its host (README).
 
 --solo N times no comparison: each setup runs in N fresh processes, one after another, each alone
 on the machine, and every timed update's seconds are printed, a row per process. A setup that is
@@ -479,6 +479,8 @@ def main():
             without = "" if args.original else " (the original's steps need --original)"
             parser.error(f"--steps: unknown {unknown}{without}; choose from {list(steps)}")
         steps = tuple(dict.fromkeys(chosen))  # in the order given: --solo times them in that order
+    if args.keep_memory == "original" and not args.original:
+        parser.error("--keep-memory original: keeps memory in the original's workers only; add --original PATH")
     if args.solo < 0 or (args.solo and (args.changes or args.turn > 1)):
         parser.error(f"--solo {args.solo}: give a number of processes >= 1, without --changes or --turn")
     if args.worker:
