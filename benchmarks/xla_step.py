@@ -520,10 +520,7 @@ def main():
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for model, precision in setups:
-        median = statistics.median(times[model, precision])
-        ratio = " / ".join(
-            f"{median / statistics.median(times[model, o]):.2f}x" for o in ORIGINAL_STEPS if (model, o) in times
-        )
+        ratio = _vs_original(times, model, precision, digits=2)
         counts = hlo.get((model, precision))
         sizes = f"{counts['temp_mib']:,.0f} | {counts['before']:,} / {counts['after']:,}" if counts else "- | -"
         step = _step_label(precision)
@@ -593,6 +590,14 @@ def _kept_note(keep_memory: str | None) -> str:
         return ""
     workers = "every worker keeps its" if keep_memory == "all" else "the original's workers keep their"
     return f"; {workers} freed memory ({KEEP_MEMORY['GLIBC_TUNABLES']})"
+
+
+def _vs_original(times: dict, model: str, step: str, digits: int) -> str:
+    """One step's median over each timed original step's median, as "0.48x / 0.47x" ("" if none)."""
+    median = statistics.median(times[model, step])
+    return " / ".join(
+        f"{median / statistics.median(times[model, o]):.{digits}f}x" for o in ORIGINAL_STEPS if (model, o) in times
+    )
 
 
 def _step_label(precision: str) -> str:
@@ -705,11 +710,8 @@ def report_solo(setups: list, args) -> None:
     print("| model | step | median of all processes' updates, s | vs original / original with Eigen dots (if timed) |")
     print("|---|---|---:|---:|")
     for (model, step), seconds in times.items():
-        median = statistics.median(seconds)
-        ratio = " / ".join(
-            f"{median / statistics.median(times[model, o]):.3f}x" for o in ORIGINAL_STEPS if (model, o) in times
-        )
-        print(f"| {model} | {_step_label(step)} | {median:.3f} | {ratio or '-'} |")
+        ratio = _vs_original(times, model, step, digits=3)
+        print(f"| {model} | {_step_label(step)} | {statistics.median(seconds):.3f} | {ratio or '-'} |")
 
 
 if __name__ == "__main__":
