@@ -2,7 +2,7 @@
 
     python benchmarks/ablation_digits.py [--steps 600] [--seeds 3] [--out runs/ablation_digits]
 
-Every configuration trains through the real trainer (`kan_vit.train.train`, XLA device) with
+Every configuration trains through the real trainer (`kan_vit.training.loop.train`, XLA device) with
 model.init_seed = data.shuffle_seed = model.dropout_seed = seed, evaluating once at the end;
 --steps shortens the demo's schedule, keeping its warm-up fraction (50 of 600 updates).
 The MLP is matched to the demo's KAN (degree 4) at equal parameter count: its hidden width H is
@@ -29,10 +29,10 @@ sys.path.insert(0, ROOT)
 
 from common import machine_info  # noqa: E402
 
-from kan_vit.config import load, validate  # noqa: E402
-from kan_vit.metrics_log import METRICS_FILE, read_metrics  # noqa: E402
-from kan_vit.model_factory import build_model  # noqa: E402
-from kan_vit.train import train  # noqa: E402
+from kan_vit.training.config import load, validate  # noqa: E402
+from kan_vit.training.loop import train  # noqa: E402
+from kan_vit.training.metrics_log import METRICS_FILE, read_metrics  # noqa: E402
+from kan_vit.training.model_factory import build_model  # noqa: E402
 
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")
 DEMO_DEGREE = 4  # configs/demo_digits.yaml

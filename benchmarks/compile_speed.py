@@ -20,7 +20,7 @@ from timm.layers import Mlp
 from torch import nn
 from train_step import make_step
 
-from kan_vit.chebykan import ChebyKAN
+from kan_vit.models.chebykan import ChebyKAN
 
 
 def first_call_s(fn) -> float:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import timm
 
-from kan_vit import flax_msgpack
-from kan_vit.flax_layout import timm_to_flax
+from kan_vit.flax import msgpack as flax_msgpack
+from kan_vit.flax.layout import timm_to_flax
 
 # /proc (Linux): ru_maxrss would include the parent's RSS at fork time.
 CHILD = """

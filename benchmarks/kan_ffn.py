@@ -13,7 +13,7 @@ from common import machine_info, median_ms, saved_activation_bytes
 from timm.layers import Mlp
 from torch import nn
 
-from kan_vit.chebykan import ChebyKAN
+from kan_vit.models.chebykan import ChebyKAN
 
 
 def main():

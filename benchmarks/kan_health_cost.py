@@ -22,8 +22,8 @@ sys.path.insert(0, ROOT)
 
 from common import machine_info, median_ms  # noqa: E402
 
-from kan_vit import train  # noqa: E402
-from kan_vit.config import load  # noqa: E402
+from kan_vit.training import loop  # noqa: E402
+from kan_vit.training.config import load  # noqa: E402
 
 SETUPS = {
     "demo (4 x dim 96, K=4, batch 64, 32 px)": ("demo_digits.yaml", []),
@@ -37,7 +37,7 @@ def make_update(config: str, overrides: list[str], health: bool):
         overrides + [f"run.kan_health={str(health).lower()}", "schedule.log_interval=1"],
     )
     device = torch_xla.device()
-    state = train.build_state(cfg, device)
+    state = loop.build_state(cfg, device)
     batch, size, labels = cfg.data.train_batch_size, cfg.model.image_size, cfg.model.labels
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
@@ -45,7 +45,7 @@ def make_update(config: str, overrides: list[str], health: bool):
     micro_batch = (images, targets, torch.zeros(1, dtype=torch.int64, device=device))
 
     def update():
-        train.train_step(state, [micro_batch], cfg)
+        loop.train_step(state, [micro_batch], cfg)
         xm.wait_device_ops()
 
     return update

@@ -20,8 +20,8 @@ import torch_xla.debug.metrics as met  # noqa: E402
 from common import machine_info  # noqa: E402
 from timm.models.vision_transformer import Block  # noqa: E402
 
-from kan_vit.chebykan import ChebyKAN  # noqa: E402
-from kan_vit.vision_transformer import ChebyKANFeedForward  # noqa: E402
+from kan_vit.models.chebykan import ChebyKAN  # noqa: E402
+from kan_vit.models.vision_transformer import ChebyKANFeedForward  # noqa: E402
 
 
 def graph_stats(module, x):

@@ -3,7 +3,7 @@ CPU here), float32 and bf16 autocast; optionally the original JAX/Flax step besi
 
     PJRT_DEVICE=CPU python benchmarks/xla_step.py [--batch 8] [--reps 10] [--original PATH]
 
-One update = `kan_vit.train.train_step` on a fixed device batch (uint8 images, soft targets), the
+One update = `kan_vit.training.loop.train_step` on a fixed device batch (uint8 images, soft targets), the
 configs/kan_s16.yaml and configs/deit_s16.yaml recipes: normalisation, forward, loss, backward,
 AdamW, interval metrics, then xm.wait_device_ops() so the time covers execution. Every setup
 lives in its own worker process and runs its warm-up updates there (the first update's graph
@@ -117,7 +117,7 @@ WARMUP_ROUNDS = 6
 
 
 def load_config(model: str, precision: str, batch: int):
-    from kan_vit.config import load
+    from kan_vit.training.config import load
 
     return load(
         os.path.join(ROOT, "configs", MODELS[model]),
@@ -145,10 +145,11 @@ def torch_xla_update(cfg, undo: tuple = ()):
     import torch_xla
     import torch_xla.core.xla_model as xm
 
-    from kan_vit import chebykan, train
+    from kan_vit.models import chebykan
+    from kan_vit.training import loop
 
     device = torch_xla.device()
-    state = train.build_state(cfg, device)
+    state = loop.build_state(cfg, device)
     for module in state.model.modules():
         if "attention" in undo and hasattr(module, "fused_attn"):
             module.fused_attn = True
@@ -173,7 +174,7 @@ def torch_xla_update(cfg, undo: tuple = ()):
         # read when the step is traced, every update
         chebykan._chebyshev_basis_t, chebykan._after_gradient = layout, backward_input
         try:
-            train.train_step(state, [micro_batch], cfg)
+            loop.train_step(state, [micro_batch], cfg)
         finally:
             chebykan._chebyshev_basis_t, chebykan._after_gradient = basis, after_gradient
         xm.wait_device_ops()

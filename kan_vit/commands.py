@@ -17,12 +17,22 @@ import sys
 
 import yaml
 
-from . import backend
-from .checkpoint import check_resume
-from .config import Config, ConfigError, from_dict, launcher_parser, load, to_dict, validate
-from .data import check_dataset, create_valid_loader
-from .model_factory import build_model_with_weights
-from .train import DivergenceError, evaluate, launch, train
+from kan_vit.training import backend
+from kan_vit.training.checkpoint import check_resume
+from kan_vit.training.config import (
+    ACCELERATE,
+    XLA,
+    Config,
+    ConfigError,
+    from_dict,
+    launcher_parser,
+    load,
+    to_dict,
+    validate,
+)
+from kan_vit.training.data import check_dataset, create_valid_loader
+from kan_vit.training.loop import DivergenceError, evaluate, launch, train
+from kan_vit.training.model_factory import build_model_with_weights
 
 TRAIN_DOC = """Train KAN-ViT / DeiT with the original's recipes.
 
@@ -41,19 +51,19 @@ The checkpoint may be a trainer checkpoint from either backend (last.pth / best.
 resized to model.image_size. Prints val/acc1, val/acc5, val/loss and val/count as JSON.
 """
 
-BACKENDS = ("auto", backend.XLA, backend.ACCELERATE)
+BACKENDS = ("auto", XLA, ACCELERATE)
 
 
 def detect_backend() -> str:
     if "LOCAL_RANK" in os.environ:  # set by accelerate launch and torchrun
-        return backend.ACCELERATE
+        return ACCELERATE
     try:
         import torch_xla  # noqa: F401
     except ImportError:
-        return backend.ACCELERATE
+        return ACCELERATE
     import torch
 
-    return backend.ACCELERATE if torch.cuda.is_available() and "PJRT_DEVICE" not in os.environ else backend.XLA
+    return ACCELERATE if torch.cuda.is_available() and "PJRT_DEVICE" not in os.environ else XLA
 
 
 def _parser(doc: str, config_help: str, backend_name: str | None):
@@ -73,7 +83,7 @@ def load_checked_config(path: str, overrides: list[str]) -> Config:
 
 
 def _use_backend(name: str, config: str, overrides: list[str]) -> None:
-    if name == backend.ACCELERATE:  # the accelerator's precision and compilation come from the config
+    if name == ACCELERATE:  # the accelerator's precision and compilation come from the config
         run = load(config, overrides).run
         backend.use(backend.AccelerateBackend(bf16=run.bf16, compile=run.compile))
 
@@ -91,10 +101,10 @@ def train_main(argv=None, backend_name: str | None = None, doc: str = TRAIN_DOC)
     except (ConfigError, ValueError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    if name == backend.XLA or backend.current().accelerator.is_main_process:  # XLA: before spawning
+    if name == XLA or backend.current().accelerator.is_main_process:  # XLA: before spawning
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
     try:
-        if name == backend.ACCELERATE:
+        if name == ACCELERATE:
             train(cfg)
             backend.current().accelerator.end_training()
         else:
@@ -133,7 +143,7 @@ def evaluate_main(argv=None) -> int:
     except (ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if name == backend.ACCELERATE:
+    if name == ACCELERATE:
         evaluate_checkpoint(cfg, args.checkpoint)
     else:
         backend.current().spawn(_evaluate_replica, (to_dict(cfg), args.checkpoint))

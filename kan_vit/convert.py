@@ -11,27 +11,22 @@ rebuild the model, and timm's `config.json` in OUT's folder makes
 `timm.create_model("local-dir:FOLDER", pretrained=True)` do the same (one model per folder).
 
 This module is the command line and its files; the leaf-by-leaf mapping and the architecture
-inference are `kan_vit.flax_layout`. Runs without JAX: the format is read and written by
-`kan_vit.flax_msgpack`. `export_flax` writes a trainer checkpoint's weights in the original's
-format (run.export_flax).
+inference are `kan_vit.flax.layout`. Runs without JAX: the format is read and written by
+`kan_vit.flax.msgpack`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from . import flax_msgpack
-from .atomic_files import atomic_outputs
-from .checkpoint import CheckpointError, read_torch_checkpoint
-from .config import Config
-from .flax_layout import (
+from kan_vit.flax import msgpack as flax_msgpack
+from kan_vit.flax.layout import (
     DEFAULT_IMAGE_SIZE,
     ConvertError,
     check_timm_semantics,
@@ -41,23 +36,12 @@ from .flax_layout import (
     infer_flax_architecture,
     timm_to_flax,
 )
+from kan_vit.models.pretrained import CheckpointError, read_torch_checkpoint
+from kan_vit.utils.atomic_files import atomic_outputs
 
 TORCH_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 FLAX_SUFFIX = ".msgpack"
 TIMM_CONFIG_NAME = "config.json"  # what timm's `local-dir:` and `hf-hub:` sources read
-
-
-def save_flax(params: dict, path: str | Path) -> None:
-    """Write the original's `.msgpack` atomically: a crash leaves the previous file intact."""
-    with atomic_outputs(path) as (tmp,):
-        with open(tmp, "wb") as f:
-            flax_msgpack.dump(params, f)
-
-
-def export_flax(flax_params: dict, cfg: Config, target: str) -> None:
-    """A trainer checkpoint's weights in the original's format: {run.name}-best/last.msgpack."""
-    kind = os.path.splitext(target)[0]
-    save_flax(flax_params, os.path.join(cfg.run.output_dir, f"{cfg.run.name or 'kan_vit'}-{kind}.msgpack"))
 
 
 def _load_torch_source(source: str) -> tuple[dict, int | None]:
@@ -155,7 +139,7 @@ def _torch_to_flax_file(src: str, dst: Path, num_heads: int | None, image_size: 
     arch = infer_flax_architecture(params, image_size)
     print(f"Architecture: {describe(arch)}")
     print(f"Parameters: {sum(v.size for v in flatten(params).values()):,}")
-    save_flax(params, dst)
+    flax_msgpack.save(params, dst)
     print(f"Wrote {dst}")
 
 

@@ -14,8 +14,8 @@ same command resumes from run.output_dir/last.pth (run.resume: auto | never | PA
 
 import sys
 
-from kan_vit.backend import ACCELERATE
 from kan_vit.commands import train_main
+from kan_vit.training.config import ACCELERATE
 
 if __name__ == "__main__":
     sys.exit(train_main(backend_name=ACCELERATE, doc=__doc__))

@@ -10,8 +10,8 @@ auto | never | PATH).
 
 import sys
 
-from kan_vit.backend import XLA
 from kan_vit.commands import train_main
+from kan_vit.training.config import XLA
 
 if __name__ == "__main__":
     sys.exit(train_main(backend_name=XLA, doc=__doc__))

@@ -9,8 +9,8 @@ import time
 import psutil
 import pytest
 
-from kan_vit import checkpoint
-from kan_vit.metrics_log import read_metrics
+from kan_vit.training import checkpoint
+from kan_vit.training.metrics_log import read_metrics
 
 
 def kill_at_first_checkpoint(command: list[str], env: dict, out_dir, total_steps: int) -> int:

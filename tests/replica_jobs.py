@@ -15,10 +15,10 @@ import sys
 
 import torch
 
-from kan_vit import backend, train
-from kan_vit.config import from_dict
-from kan_vit.data import create_train_loader
-from kan_vit.metrics_log import RunLogger
+from kan_vit.training import backend, loop
+from kan_vit.training.config import ACCELERATE, from_dict
+from kan_vit.training.data import create_train_loader
+from kan_vit.training.metrics_log import RunLogger
 
 
 def _shard(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -32,7 +32,7 @@ def updates(rank: int, cfgs: dict, data_path: str, out: str) -> None:
     device, world_size = backend.current().device, backend.current().world_size
     data = torch.load(data_path)
     cfg = from_dict(cfgs["exact"])
-    state = train.build_state(cfg, device)
+    state = loop.build_state(cfg, device)
     logger = RunLogger(cfg, master=rank == 0, start_step=0)
     skipped = torch.tensor([rank + 1])  # each replica reports its own skip count
     micro = [
@@ -42,17 +42,17 @@ def updates(rank: int, cfgs: dict, data_path: str, out: str) -> None:
             skipped.to(device),
         )
     ]
-    train.train_step(state, micro, cfg, logger)
+    loop.train_step(state, micro, cfg, logger)
     logger.close()
     valid = data["valid_parts"][rank]  # replicas hold different numbers of real images
-    metrics = train.evaluate(
+    metrics = loop.evaluate(
         state.model, [(valid["images"].to(device), valid["labels"].to(device), torch.tensor([0]).to(device))], cfg
     )
     exact = {k: v.cpu() for k, v in state.model.state_dict().items()}
 
     cfg = from_dict(cfgs["noisy"])
-    state = train.build_state(cfg, device)
-    train.seed_replica(cfg, rank)  # each replica its own dropout / drop-path masks
+    state = loop.build_state(cfg, device)
+    loop.seed_replica(cfg, rank)  # each replica its own dropout / drop-path masks
     micro = [
         (
             _shard(data["images"], rank, world_size).to(device),
@@ -61,7 +61,7 @@ def updates(rank: int, cfgs: dict, data_path: str, out: str) -> None:
         )
     ]
     for _ in range(4):
-        train.train_step(state, micro, cfg)
+        loop.train_step(state, micro, cfg)
     noisy = {k: v.cpu() for k, v in state.model.state_dict().items()}
     torch.save(
         {"world_size": world_size, "exact": exact, "metrics": metrics, "noisy": noisy}, f"{out}/updates_{rank}.pt"
@@ -85,7 +85,7 @@ def batches(rank: int, cfgs: dict, data_path: str, out: str) -> None:
 if __name__ == "__main__":
     job, cfgs, data_path, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
     fn = {"updates": updates, "batches": batches}[job]
-    if sys.argv[5:] == [backend.ACCELERATE]:
+    if sys.argv[5:] == [ACCELERATE]:
         backend.use(backend.AccelerateBackend())
         fn(backend.current().rank, cfgs, data_path, out)
     else:

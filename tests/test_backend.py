@@ -21,9 +21,9 @@ from cpu_processes import torchrun, without_torch_xla_env
 from kill_and_resume import assert_resume_matches_uninterrupted
 from test_train import DEMO, EVALUATE, LAUNCH, ROOT, tiny_overrides
 
-from kan_vit import checkpoint, train
-from kan_vit.config import load, to_dict
-from kan_vit.metrics_log import RunLogger, read_metrics
+from kan_vit.training import checkpoint, loop
+from kan_vit.training.config import load, to_dict
+from kan_vit.training.metrics_log import RunLogger, read_metrics
 
 JOBS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "replica_jobs.py")
 TRAIN_GPU = os.path.join(ROOT, "launch", "train_gpu.py")
@@ -102,9 +102,9 @@ def test_replicas_with_batch_shares_update_like_one_replica_with_the_whole_batch
     device = torch_xla.device()
     exact.run.output_dir = str(tmp_path / "single")
     os.makedirs(exact.run.output_dir)
-    state = train.build_state(exact, device)
+    state = loop.build_state(exact, device)
     logger = RunLogger(exact, master=True, start_step=0)
-    train.train_step(state, [(images.to(device), targets.to(device), torch.tensor([0]).to(device))], exact, logger)
+    loop.train_step(state, [(images.to(device), targets.to(device), torch.tensor([0]).to(device))], exact, logger)
     logger.close()
     for key, value in state.model.state_dict().items():
         torch.testing.assert_close(replicas[0]["exact"][key], value.cpu(), rtol=0, atol=1e-6, msg=key)
@@ -121,7 +121,7 @@ def test_replicas_with_batch_shares_update_like_one_replica_with_the_whole_batch
             torch.tensor([0]).to(device),
         )
     ]
-    want = train.evaluate(state.model, whole, exact)
+    want = loop.evaluate(state.model, whole, exact)
     assert replicas[0]["metrics"]["val/count"] == want["val/count"] == num_replicas**2
     for key in ("val/acc1", "val/acc5", "val/loss"):
         assert replicas[0]["metrics"][key] == pytest.approx(want[key], rel=1e-6), key
@@ -180,7 +180,7 @@ def test_two_replicas_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_resuming_with_another_replica_count_is_a_clear_error(tmp_path):
     cfg = load(DEMO, tiny_overrides(tmp_path) + ["schedule.training_steps=4", "schedule.log_interval=2"])
-    train.train(cfg)  # one replica writes last.pth
+    loop.train(cfg)  # one replica writes last.pth
     command, env = _launch(tiny_overrides(tmp_path) + ["schedule.training_steps=8"], 2)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
@@ -302,7 +302,7 @@ def test_bf16_on_cpu_processes_trains_with_finite_losses(tmp_path):
 @pytest.mark.slow
 def test_an_xla_checkpoint_does_not_resume_on_accelerate(tmp_path):
     """Device RNG states do not carry over between backends: a clear error that names the way out."""
-    train.train(load(DEMO, tiny_overrides(tmp_path) + ["schedule.training_steps=2", "schedule.warmup_steps=1"]))
+    loop.train(load(DEMO, tiny_overrides(tmp_path) + ["schedule.training_steps=2", "schedule.warmup_steps=1"]))
     result = subprocess.run(
         [sys.executable, TRAIN_GPU, *_args(tiny_overrides(tmp_path))],
         env=without_torch_xla_env(tmp_path),

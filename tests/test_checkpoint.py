@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from kan_vit import checkpoint
-from kan_vit.config import load
+from kan_vit.training import checkpoint
+from kan_vit.training.config import load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")

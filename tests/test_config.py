@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from kan_vit import config as C
+from kan_vit.training import config as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")

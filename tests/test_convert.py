@@ -19,8 +19,8 @@ from flax import serialization
 from numpy_reference import forward as reference_forward
 from numpy_reference import random_params
 
-from kan_vit import flax_msgpack
 from kan_vit.convert import main
+from kan_vit.flax import msgpack as flax_msgpack
 
 SMALL = dict(layers=2, dim=16, heads=2, patch=4, grid=3)
 IMAGE_SIZE = 12  # grid 3 x patch 4

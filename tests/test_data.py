@@ -13,8 +13,8 @@ import scipy.stats
 import torch
 from PIL import Image
 
-from kan_vit import data
-from kan_vit.config import Config
+from kan_vit.training import data
+from kan_vit.training.config import Config
 
 SHARDS, PER_SHARD = 12, 40  # unique-label shards: label = global sample index
 

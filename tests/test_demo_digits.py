@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from webdataset.shardlists import expand_urls
 
-from kan_vit.demo_digits import prepare_demo_digits
+from kan_vit.training.demo_digits import prepare_demo_digits
 
 
 def _tar_labels(path):

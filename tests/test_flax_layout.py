@@ -6,7 +6,7 @@ import pytest
 import timm
 from numpy_reference import random_params
 
-from kan_vit.flax_layout import ConvertError, check_timm_semantics, flax_to_timm, timm_to_flax
+from kan_vit.flax.layout import ConvertError, check_timm_semantics, flax_to_timm, timm_to_flax
 
 IMAGE_SIZE = 12  # grid 3 x patch 4
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import serialization
 
-from kan_vit import flax_msgpack
+from kan_vit.flax import msgpack as flax_msgpack
 
 
 def _mixed_tree():

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kan_vit.config import load
-from kan_vit.convert import save_flax
-from kan_vit.flax_layout import timm_to_flax
-from kan_vit.inspect_kan import SATURATION, InputStatistics, kan_layers, main, plot_layer
-from kan_vit.model_factory import build_model
+from kan_vit.analysis.inspect_kan import SATURATION, InputStatistics, kan_layers, main, plot_layer
+from kan_vit.flax.msgpack import save as save_flax
+from kan_vit.flax.layout import timm_to_flax
+from kan_vit.training.config import load
+from kan_vit.training.model_factory import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")

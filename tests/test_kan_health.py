@@ -9,11 +9,11 @@ import torch_xla.debug.metrics as met
 import torch_xla.distributed.parallel_loader as pl
 from test_train import DEMO, tiny_overrides
 
-from kan_vit import train
-from kan_vit.chebykan import ChebyKAN
-from kan_vit.config import load
-from kan_vit.data import create_train_loader
-from kan_vit.metrics_log import RunLogger, read_metrics
+from kan_vit.models.chebykan import ChebyKAN
+from kan_vit.training import loop
+from kan_vit.training.config import load
+from kan_vit.training.data import create_train_loader
+from kan_vit.training.metrics_log import RunLogger, read_metrics
 
 BF16_ONE_BELOW = 1 - 2**-8  # the largest bfloat16 below 1
 
@@ -21,18 +21,18 @@ BF16_ONE_BELOW = 1 - 2**-8  # the largest bfloat16 below 1
 def _health_run(tmp_path, extra=()):
     cfg = load(DEMO, tiny_overrides(tmp_path) + ["run.kan_health=true", "model.layers=2"] + list(extra))
     device = torch_xla.device()
-    state = train.build_state(cfg, device)
+    state = loop.build_state(cfg, device)
     logger = RunLogger(cfg, master=True, start_step=0)
     batches = iter(pl.MpDeviceLoader(create_train_loader(cfg, world_size=1, rank=0), device))
 
     def update():
-        train.train_step(state, [next(batches) for _ in range(cfg.optim.grad_accum)], cfg, logger)
+        loop.train_step(state, [next(batches) for _ in range(cfg.optim.grad_accum)], cfg, logger)
 
     return cfg, state, update
 
 
 def test_the_threshold_is_where_bfloat16_tanh_becomes_one():
-    from kan_vit.kan_health import SATURATION
+    from kan_vit.training.kan_health import SATURATION
 
     x = np.linspace(3.3, 3.6, 30001)
     ones = torch.tanh(torch.tensor(x, dtype=torch.float32)).to(torch.bfloat16) == 1.0
@@ -43,7 +43,7 @@ def test_the_threshold_is_where_bfloat16_tanh_becomes_one():
 
 
 def test_logged_health_equals_a_numpy_recomputation_from_hooked_inputs(tmp_path):
-    from kan_vit.kan_health import SATURATION
+    from kan_vit.training.kan_health import SATURATION
 
     cfg, state, update = _health_run(tmp_path, ["optim.clip_grad=0.0"])
     layers = [m for m in state.model.modules() if isinstance(m, ChebyKAN)]

@@ -6,9 +6,9 @@ import os
 import pytest
 from test_train import DEMO, tiny_overrides
 
-from kan_vit import metrics_log
-from kan_vit.config import Config, load
-from kan_vit.metrics_log import RunLogger
+from kan_vit.training import metrics_log
+from kan_vit.training.config import Config, load
+from kan_vit.training.metrics_log import RunLogger
 
 
 def test_interrupted_metrics_truncation_keeps_the_log(tmp_path, monkeypatch):

@@ -6,8 +6,8 @@ import os
 
 import torch
 
-from kan_vit.config import load
-from kan_vit.model_factory import build_model
+from kan_vit.training.config import load
+from kan_vit.training.model_factory import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")

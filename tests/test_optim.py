@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import kan_vit  # noqa: F401  (registers the models)
-from kan_vit.config import OptimConfig, load
-from kan_vit.model_factory import build_model
-from kan_vit.optim import GroupStepAdamW, create_optimizer, lr_at, param_groups, set_lr
+from kan_vit.training.config import OptimConfig, load
+from kan_vit.training.model_factory import build_model
+from kan_vit.training.optim import GroupStepAdamW, create_optimizer, lr_at, param_groups, set_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")

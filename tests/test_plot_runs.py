@@ -7,9 +7,9 @@ import os
 import numpy as np
 from matplotlib.image import imread
 
-from kan_vit.config import load
-from kan_vit.metrics_log import RunLogger, read_metrics
-from kan_vit.plot_runs import PANELS, main, plot_runs
+from kan_vit.analysis.plot_runs import PANELS, main, plot_runs
+from kan_vit.training.config import load
+from kan_vit.training.metrics_log import RunLogger, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")

@@ -11,8 +11,8 @@ from flax.serialization import msgpack_serialize
 from numpy_reference import random_params
 
 import kan_vit  # noqa: F401
-from kan_vit.config import ModelConfig
-from kan_vit.pretrained import load_pretrained
+from kan_vit.models.pretrained import load_pretrained
+from kan_vit.training.config import ModelConfig
 
 # checkpoint: 3x3 grid (12px, patch 4), 5 classes; fine-tune: 4x4 grid (16px), 7 classes
 ARCH = dict(layers=2, dim=16, heads=2, patch=4, degree=3)
@@ -116,7 +116,7 @@ def test_missing_file():
 
 
 def test_evaluation_needs_the_checkpoint_head(msgpack_ckpt):
-    from kan_vit.pretrained import load_weights
+    from kan_vit.models.pretrained import load_weights
 
     params, path = msgpack_ckpt
     with pytest.raises(ValueError, match="set model.labels"):

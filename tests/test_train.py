@@ -14,12 +14,12 @@ import torch_xla.debug.metrics as met
 import torch_xla.distributed.parallel_loader as pl
 from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
 
-from kan_vit import checkpoint, train
-from kan_vit.config import load, to_dict
-from kan_vit.data import create_train_loader, create_valid_loader
-from kan_vit.metrics_log import RunLogger, read_metrics
-from kan_vit.model_factory import build_model
-from kan_vit.optim import lr_at
+from kan_vit.training import checkpoint, loop
+from kan_vit.training.config import load, to_dict
+from kan_vit.training.data import create_train_loader, create_valid_loader
+from kan_vit.training.metrics_log import RunLogger, read_metrics
+from kan_vit.training.model_factory import build_model
+from kan_vit.training.optim import lr_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")
@@ -56,20 +56,20 @@ def tiny_overrides(output_dir) -> list[str]:
 def test_no_recompilation_or_cpu_fallback_after_the_first_steps(tmp_path):
     cfg = load(DEMO, tiny_overrides(tmp_path))
     device = torch_xla.device()
-    state = train.build_state(cfg, device)
+    state = loop.build_state(cfg, device)
     logger = RunLogger(cfg, master=True, start_step=0)
     batches = iter(pl.MpDeviceLoader(create_train_loader(cfg, world_size=1, rank=0), device))
     valid = pl.MpDeviceLoader(create_valid_loader(cfg, world_size=1, rank=0)[0], device)
 
     def update():
-        train.train_step(state, [next(batches) for _ in range(cfg.optim.grad_accum)], cfg, logger)
+        loop.train_step(state, [next(batches) for _ in range(cfg.optim.grad_accum)], cfg, logger)
 
     update(), update()
-    train.evaluate(state.model, valid, cfg)
+    loop.evaluate(state.model, valid, cfg)
     met.clear_all()
     for _ in range(10):  # lr changes every update; log steps 3, 6, 9, 12; mixup/cutmix drawn per batch
         update()
-    second = train.evaluate(state.model, valid, cfg)
+    second = loop.evaluate(state.model, valid, cfg)
     compiles = met.metric_data("CompileTime")
     assert compiles is None or compiles[0] == 0, "an update or evaluation compiled a new graph"
     assert [name for name in met.counter_names() if name.startswith("aten::")] == []
@@ -90,14 +90,14 @@ def test_the_first_update_compiles_the_only_update_graph(tmp_path, optimizer):
         DEMO, tiny_overrides(tmp_path) + ["optim.grad_accum=1", "model.droppath=0.0", f"optim.optimizer={optimizer}"]
     )
     device = torch_xla.device()
-    state = train.build_state(cfg, device)
+    state = loop.build_state(cfg, device)
     images, targets, _ = _fixed_batch(cfg.data.train_batch_size, cfg.model.labels, cfg.model.image_size)
     micro_batch = (images.to(device), targets.to(device), torch.zeros(1, dtype=torch.int64, device=device))
     torch_xla.sync()  # device data, as the loader's batches
     met.clear_all()
     counts = []
     for _ in range(3):
-        train.train_step(state, [micro_batch], cfg)
+        loop.train_step(state, [micro_batch], cfg)
         counts.append(met.metric_data("CompileTime")[0])
     assert counts == [1, 1, 1]
 
@@ -122,7 +122,7 @@ def test_train_accuracy_is_the_original_top_k_within_the_target_maximum(tmp_path
     target's maximum (ties included) is the predicted class, top-5 when it is among the five best."""
     cfg = load(DEMO, tiny_overrides(tmp_path) + ["model.droppath=0.0", "schedule.log_interval=2"])
     device = torch_xla.device()
-    state = train.build_state(cfg, device)
+    state = loop.build_state(cfg, device)
     logger = RunLogger(cfg, master=True, start_step=0)
     zero = torch.zeros((), dtype=torch.int64, device=device)
     gen = torch.Generator().manual_seed(0)
@@ -132,12 +132,12 @@ def test_train_accuracy_is_the_original_top_k_within_the_target_maximum(tmp_path
     for ranks_per_row in patterns:
         images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=gen).to(device)
         with torch.no_grad():
-            order = state.model(train.normalize(images)).cpu().argsort(-1, descending=True)
+            order = state.model(loop.normalize(images)).cpu().argsort(-1, descending=True)
         targets = torch.full((16, 10), 0.01)
         for row, ranks in enumerate(ranks_per_row):
             targets[row, order[row, list(ranks)]] += 0.9 / len(ranks)
         micro = [(i, t.to(device), zero) for i, t in zip(images.chunk(2), targets.chunk(2))]
-        train.train_step(state, micro, cfg, logger)
+        loop.train_step(state, micro, cfg, logger)
     record = read_metrics(str(tmp_path / "metrics.jsonl"))[-1]
     assert record["step"] == 2
     assert record["train/acc1"] == pytest.approx(np.mean([e[0] for e in expected]), abs=1e-6)
@@ -153,11 +153,11 @@ def test_grad_accumulation_averages_micro_batches_into_one_update(tmp_path):
     params = []
     for accum in (1, 2):
         cfg = _deterministic_cfg(tmp_path, accum)
-        state = train.build_state(cfg, device)
+        state = loop.build_state(cfg, device)
         chunks = zip(images.chunk(accum), targets.chunk(accum))
         micro = [(i.to(device), t.to(device), zero.to(device)) for i, t in chunks]
         for _ in range(2):
-            train.train_step(state, micro, cfg)
+            loop.train_step(state, micro, cfg)
         params.append({k: v.cpu() for k, v in state.model.state_dict().items()})
     for key in params[0]:
         torch.testing.assert_close(params[1][key], params[0][key], rtol=1e-5, atol=1e-6, msg=key)
@@ -168,8 +168,8 @@ import json, sys
 import numpy as np, torch
 import torch_xla, torch_xla.runtime as xr, torch_xla.distributed.spmd as xs
 xr.use_spmd()
-from kan_vit import train
-from kan_vit.config import from_dict
+from kan_vit.training import loop
+from kan_vit.training.config import from_dict
 cfg = from_dict(json.loads(sys.argv[1]))
 data = torch.load(sys.argv[2])
 device = torch_xla.device()
@@ -178,11 +178,11 @@ def shard(t):
     t = t.to(device)
     xs.mark_sharding(t, mesh, ("batch",) + (None,) * (t.ndim - 1))
     return t
-state = train.build_state(cfg, device)
+state = loop.build_state(cfg, device)
 zero = torch.zeros((), dtype=torch.int64, device=device)
 for _ in range(2):
-    train.train_step(state, [(shard(data["images"]), shard(data["targets"]), zero)], cfg)
-metrics = train.evaluate(state.model, [(shard(data["images"]), shard(data["labels"]), zero)], cfg)
+    loop.train_step(state, [(shard(data["images"]), shard(data["targets"]), zero)], cfg)
+metrics = loop.evaluate(state.model, [(shard(data["images"]), shard(data["labels"]), zero)], cfg)
 torch.save({"params": {k: v.cpu() for k, v in state.model.state_dict().items()}, "metrics": metrics,
             "devices": xr.global_runtime_device_count(), "loss": state.loss_sum.cpu()}, sys.argv[3])
 """
@@ -216,11 +216,11 @@ def test_data_parallel_over_4_devices_matches_one_device(tmp_path):
     assert spmd["devices"] == 4
 
     device = torch_xla.device()
-    state = train.build_state(cfg, device)
+    state = loop.build_state(cfg, device)
     zero = torch.zeros((), dtype=torch.int64, device=device)
     for _ in range(2):
-        train.train_step(state, [(images.to(device), targets.to(device), zero)], cfg)
-    metrics = train.evaluate(state.model, [(images.to(device), labels.to(device), zero)], cfg)
+        loop.train_step(state, [(images.to(device), targets.to(device), zero)], cfg)
+    metrics = loop.evaluate(state.model, [(images.to(device), labels.to(device), zero)], cfg)
     for key, value in state.model.state_dict().items():
         torch.testing.assert_close(spmd["params"][key], value.cpu(), rtol=1e-4, atol=1e-5, msg=key)
     torch.testing.assert_close(spmd["loss"], state.loss_sum.cpu(), rtol=1e-5, atol=1e-6)
@@ -312,7 +312,7 @@ def _resume_overrides(out):
 def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path):
     env = dict(os.environ, PJRT_DEVICE="CPU")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    train.train(load(DEMO, _resume_overrides(whole)))  # the uninterrupted run, in this process
+    loop.train(load(DEMO, _resume_overrides(whole)))  # the uninterrupted run, in this process
     command = [sys.executable, LAUNCH, "--config", DEMO] + [a for s in _resume_overrides(broken) for a in ("--set", s)]
     killed_at = kill_at_first_checkpoint(command, env, broken, total_steps=32)
     rerun_resumes(command, env, broken, killed_at)
@@ -328,10 +328,10 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
         tiny_overrides(tmp_path)
         + ["schedule.training_steps=40", "schedule.eval_interval=8", "schedule.log_interval=4"],
     )
-    schedule = train.lr_at
-    monkeypatch.setattr(train, "lr_at", lambda step, *a: torch.where(step >= 9, float("inf"), schedule(step, *a)))
-    with pytest.raises(train.DivergenceError, match=r"not finite at step 11; stopping"):
-        train.train(cfg)
+    schedule = loop.lr_at
+    monkeypatch.setattr(loop, "lr_at", lambda step, *a: torch.where(step >= 9, float("inf"), schedule(step, *a)))
+    with pytest.raises(loop.DivergenceError, match=r"not finite at step 11; stopping"):
+        loop.train(cfg)
     last = checkpoint.load(str(tmp_path / "last.pth"))
     assert last["step"] == 8
     assert all(torch.isfinite(v).all() for v in last["model"].values())
@@ -342,12 +342,12 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
 def test_bf16_autocast_updates_stay_finite(tmp_path):
     cfg = load(DEMO, tiny_overrides(tmp_path) + ["run.bf16=true", "optim.grad_accum=1"])
     device = torch_xla.device()
-    state = train.build_state(cfg, device)
+    state = loop.build_state(cfg, device)
     before = {k: v.cpu().clone() for k, v in state.model.state_dict().items()}
     images, targets, _ = _fixed_batch(16, 10, 32)
     zero = torch.zeros((), dtype=torch.int64, device=device)
     for _ in range(2):
-        train.train_step(state, [(images.to(device), targets.to(device), zero)], cfg)
+        loop.train_step(state, [(images.to(device), targets.to(device), zero)], cfg)
     after = state.model.state_dict()
     assert all(after[k].dtype == torch.float32 for k in before)  # autocast computes in bf16, stores f32
     assert torch.isfinite(state.loss_sum.cpu()) and not torch.equal(after["head.weight"].cpu(), before["head.weight"])
@@ -357,10 +357,10 @@ def test_normalisation_constants_are_uploaded_once():
     """The mean/std live on the device after the first step: a step uploads only its batch."""
     device = torch_xla.device()
     images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8, device=device)
-    train.normalize(images)
+    loop.normalize(images)
     torch_xla.sync()
     met.clear_all()
-    out = train.normalize(images)
+    out = loop.normalize(images)
     torch_xla.sync()
     assert met.metric_data("TransferToDeviceTime") is None
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)

@@ -9,8 +9,8 @@ import scipy.stats
 import torch
 from PIL import Image
 
-from kan_vit.config import Config
-from kan_vit.transforms import augment_policy, train_transform, valid_transform
+from kan_vit.training.config import Config
+from kan_vit.training.transforms import augment_policy, train_transform, valid_transform
 
 
 def _erasing_cfg(probability):

@@ -21,10 +21,10 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 import kan_vit  # noqa: F401  (registers the models)
 from kan_vit import ChebyKAN
-from kan_vit.config import load
-from kan_vit.flax_layout import flax_to_timm
-from kan_vit.model_factory import build_model
-from kan_vit.vision_transformer import KeyPaddedAttention
+from kan_vit.flax.layout import flax_to_timm
+from kan_vit.models.vision_transformer import KeyPaddedAttention
+from kan_vit.training.config import load
+from kan_vit.training.model_factory import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo_digits.yaml")
@@ -267,7 +267,7 @@ def test_xla_backend_pads_the_keys():
     float32 logits match the NumPy reference of the original."""
     import torch_xla
 
-    from kan_vit.backend import XlaBackend
+    from kan_vit.training.backend import XlaBackend
 
     params, model = _reference_model(None, degree=3)
     model = XlaBackend().prepare(model.float().to(torch_xla.device()))
@@ -355,8 +355,8 @@ def test_torch_xla_forward_backward():
 HUB_SCRIPT = """
 import sys, timm, torch, kan_vit
 from huggingface_hub.errors import LocalEntryNotFoundError
-from kan_vit import flax_msgpack
-from kan_vit.flax_layout import flax_to_timm
+from kan_vit.flax import msgpack as flax_msgpack
+from kan_vit.flax.layout import flax_to_timm
 
 try:  # an empty cache: the hub download is really attempted, and refused offline
     timm.create_model("deit_jax_tiny_patch16_224.in1k", pretrained=True, cache_dir=sys.argv[2])

@@ -23,8 +23,8 @@ from timm.optim import Lamb
 from timm.optim.lamb import lamb
 from torch import nn
 
-from .chebykan import ChebyKAN
-from .config import OptimConfig, OptimizerName
+from kan_vit.models.chebykan import ChebyKAN
+from kan_vit.training.config import OptimConfig, OptimizerName
 
 __all__ = [
     "param_groups",

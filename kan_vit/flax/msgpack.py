@@ -7,7 +7,7 @@
     {"__msgpack_chunked_array__": True, "shape": {"0": d0, ...}, "chunks": {"0": arr, ...}}
     of flat C-order chunks (msgpack caps one object at 2**31 - 1 bytes)
   * Python primitives as plain msgpack values.
-`dump` writes exactly the bytes Flax writes, streaming each array's buffer to the file;
+`dump` writes exactly the bytes Flax writes (`save`: to a file, atomically), streaming each array's buffer to the file;
 `restore` returns arrays that view the decoded payloads instead of copying them.
 """
 
@@ -20,7 +20,9 @@ from typing import Any, BinaryIO
 import msgpack
 import numpy as np
 
-__all__ = ["MAX_CHUNK_SIZE", "FlaxMsgpackError", "dump", "load", "restore"]
+from kan_vit.utils.atomic_files import atomic_outputs
+
+__all__ = ["MAX_CHUNK_SIZE", "FlaxMsgpackError", "dump", "load", "restore", "save"]
 
 # Flax's threshold and chunk size (bytes): below msgpack's 2**31 - 1 limit with margin.
 MAX_CHUNK_SIZE = 2**30
@@ -172,3 +174,10 @@ def dump(tree, fp: BinaryIO, *, max_chunk_size: int | None = None) -> None:
     """
     chunk = MAX_CHUNK_SIZE if max_chunk_size is None else max_chunk_size
     _write(fp, msgpack.Packer(use_bin_type=True), tree, chunk)
+
+
+def save(tree, path) -> None:
+    """Write `tree` to `path` atomically: a crash leaves the previous file intact."""
+    with atomic_outputs(path) as (tmp,):
+        with open(tmp, "wb") as f:
+            dump(tree, f)

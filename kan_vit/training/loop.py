@@ -1,6 +1,6 @@
 """The trainer (docs/original.md, "Training"): one process per XLA device (TPU chip) via `xmp.spawn`, or
 one process per GPU (or CPU process) via accelerate. The loop is written once; what differs
-between the two runtimes is a `kan_vit.backend` method (`backend.current()`).
+between the two runtimes is a `kan_vit.training.backend` method (`backend.current()`).
 
 Reads like PyTorch/XLA's ImageNet reference script: `train` builds everything, then runs a linear
 loop of `train_step` and, every eval_interval updates and at the end, `evaluate` + checkpoints.
@@ -19,22 +19,21 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from . import checkpoint, kan_health
-from .backend import XlaBackend, current
-from .config import Config, from_dict, to_dict
-from .config import save as save_config
-from .convert import export_flax
-from .data import create_train_loader, create_valid_loader
-from .flax_layout import timm_to_flax
-from .metrics_log import RunLogger
-from .model_factory import build_model
-from .optim import create_optimizer, lr_at, set_lr
+from kan_vit.flax.layout import timm_to_flax
+from kan_vit.training import checkpoint, kan_health
+from kan_vit.training.backend import XlaBackend, current
+from kan_vit.training.config import Config, from_dict, to_dict
+from kan_vit.training.config import save as save_config
+from kan_vit.training.data import create_train_loader, create_valid_loader
+from kan_vit.training.metrics_log import RunLogger
+from kan_vit.training.model_factory import build_model
+from kan_vit.training.optim import create_optimizer, lr_at, set_lr
+from kan_vit.training.state import TrainState
 
 _logger = logging.getLogger(__name__)
 
@@ -43,28 +42,6 @@ CONFIG_FILE = "config.yaml"
 
 class DivergenceError(RuntimeError):
     """The training loss became NaN/inf."""
-
-
-@dataclass
-class TrainState:
-    """Everything an update changes. Device tensors: `step` (updates done), `loss_sum` (sum of
-    update losses since the last log), `acc_sums` (sums of update train acc1, acc5 since the last
-    log), `skipped` (samples skipped since the last log),
-    `first_bad_step` (first update with a non-finite loss, -1 while none). `host_step` mirrors
-    `step` on the host, so the loop never reads the device to know where it is. `health` keeps
-    the run.kan_health interval sums (None when off)."""
-
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    step: torch.Tensor
-    loss_sum: torch.Tensor
-    acc_sums: torch.Tensor
-    skipped: torch.Tensor
-    first_bad_step: torch.Tensor
-    health: kan_health.KanHealth | None = None
-    host_step: int = 0
-    best_acc1: float = -1.0
-    diverged_at: int = -1  # set by the log closure from first_bad_step
 
 
 def build_state(cfg: Config, device: torch.device) -> TrainState:
@@ -241,7 +218,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
 
 def seed_replica(cfg: Config, rank: int) -> None:
     """model.dropout_seed + replica index for dropout/droppath (the original's per-process seed):
-    the device RNG, the only RNG the loop draws from (see `kan_vit.checkpoint`)."""
+    the device RNG, the only RNG the loop draws from (see `kan_vit.training.checkpoint`)."""
     current().seed_rng(cfg.model.dropout_seed + rank)
 
 
@@ -318,7 +295,7 @@ def train(cfg: Config) -> dict:
             for target in [checkpoint.BEST, checkpoint.LAST] if improved else [checkpoint.LAST]:
                 checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, target))
                 if flax_params is not None:
-                    export_flax(flax_params, cfg, target)
+                    checkpoint.export_flax(flax_params, cfg, target)
         backend.set_rng_state(all_rng[rank])  # continue from exactly the state a resumed run restores
     logger.close()
     return metrics

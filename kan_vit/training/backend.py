@@ -1,6 +1,6 @@
 """Where the trainer runs: torch_xla (TPU chips, XLA:CPU in tests) or accelerate (GPUs, CPU processes).
 
-kan_vit.train holds the one training loop; everything that differs between the two runtimes is a
+kan_vit.training.loop holds the one training loop; everything that differs between the two runtimes is a
 method here: the device, the collectives, gradient reduction, autocast, sync points, the device
 RNG, the device data loader and how processes start. Only the backend in use imports its
 runtime, so a GPU user needs no torch_xla and a TPU user no accelerate.
@@ -19,7 +19,7 @@ import os
 
 import torch
 
-XLA, ACCELERATE = "xla", "accelerate"
+from kan_vit.training.config import ACCELERATE, XLA
 
 
 class XlaBackend:
@@ -51,7 +51,7 @@ class XlaBackend:
         on CPU one process whose replicas are threads); `fn` must be a module-level function."""
         import torch_xla.distributed.xla_multiprocessing as xmp
 
-        from . import cpu_replicas
+        from kan_vit.training import cpu_replicas
 
         if cpu_replicas.threaded_replicas(self._xr.device_type(), self.expected_world_size()):
             cpu_replicas.prepare_spawn(self.expected_world_size())
@@ -135,7 +135,7 @@ class XlaBackend:
         """uint8 batches moved to the device by a background thread, ahead of the step."""
         import torch_xla.distributed.parallel_loader as pl
 
-        from .data import LazyStart
+        from kan_vit.training.data import LazyStart
 
         return pl.MpDeviceLoader(LazyStart(loader), self.device)
 
@@ -170,7 +170,7 @@ class XlaBackend:
 def _run_xla_replica(index: int, fn, *args) -> None:
     import torch_xla.runtime as xr
 
-    from . import cpu_replicas
+    from kan_vit.training import cpu_replicas
 
     if cpu_replicas.threaded_replicas(xr.device_type(), xr.world_size()):
         cpu_replicas.serialize_compilations()
@@ -196,7 +196,9 @@ class AccelerateBackend:
             dynamo_backend="inductor" if compile else "no",
         )
         if self.accelerator.distributed_type == DistributedType.XLA:
-            raise RuntimeError("accelerate was imported before USE_TORCH_XLA=0 was set: import kan_vit.backend first")
+            raise RuntimeError(
+                "accelerate was imported before USE_TORCH_XLA=0 was set: import kan_vit.training.backend first"
+            )
 
     def expected_world_size(self) -> int:
         return self.accelerator.num_processes
@@ -250,7 +252,7 @@ class AccelerateBackend:
         return counters["stats"]["unique_graphs"]
 
     def device_loader(self, loader):
-        from .data import DeviceLoader
+        from kan_vit.training.data import DeviceLoader
 
         return DeviceLoader(loader, self.device)
 

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch.nn import functional as F
 
-from .chebykan import ChebyKAN
+from kan_vit.models.chebykan import ChebyKAN
 
 __all__ = ["KanHealth", "SATURATION", "degree_energy", "metrics"]
 

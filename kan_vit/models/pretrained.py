@@ -10,18 +10,52 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from .checkpoint import read_torch_checkpoint
-from .flax_layout import flax_to_timm
-from .flax_msgpack import load as load_msgpack
-from .vision_transformer import checkpoint_filter_fn
+from timm.layers import resample_abs_pos_embed
 
 _logger = logging.getLogger(__name__)
 
 LABEL_MAPPING_OTHER_BIAS = -10.0  # the original's bias for classes the mapping does not fill
+
+# Readers of other checkpoint formats, by file suffix: path -> state dict. The flax layer
+# registers ".msgpack" (`import kan_vit` imports it), so the model needs no converter of its own.
+_FORMAT_READERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {}
+
+
+def register_format(suffix: str, reader: Callable[[Path], dict[str, torch.Tensor]]) -> None:
+    """Make `read_state_dict` read files ending in `suffix` with `reader`."""
+    _FORMAT_READERS[suffix] = reader
+
+
+class CheckpointError(ValueError):
+    """A file that is not a PyTorch checkpoint; the message names the file and what it holds."""
+
+
+def read_torch_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
+    """(state dict, the run's config or None) from .safetensors, a .pth state dict or a trainer
+    checkpoint (weights under "model", the resolved config under "config")."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state_dict = load_file(path)
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch raise many kinds for a file that is not theirs
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    config = None
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
+        config = state_dict.get("config")
+        state_dict = state_dict["model"]
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
+    return state_dict, config
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -29,9 +63,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check model.pretrained_ckpt")
-    if path.suffix == ".msgpack":
-        state_dict, _, _ = flax_to_timm(load_msgpack(path))  # weights do not depend on image size
-        return state_dict
+    if path.suffix in _FORMAT_READERS:
+        return _FORMAT_READERS[path.suffix](path)
     return read_torch_checkpoint(path)[0]
 
 
@@ -64,6 +97,36 @@ def map_head(state_dict: dict, model: torch.nn.Module, src: list[int], dst: list
     weight[dst] = old_w[src]
     bias[dst] = old_b[src]
     return {**state_dict, "head.weight": weight, "head.bias": bias}
+
+
+def checkpoint_filter_fn(state_dict: dict, model: torch.nn.Module) -> dict:
+    """Adapt a state dict to `model` (timm's loader and `kan_vit.models.pretrained` unwrap checkpoints).
+
+    A learnable pos_embed is resampled (bicubic) to the model's grid; a missing head or one of
+    another shape is replaced by the model's own freshly initialised head (dropped if the model
+    has none).
+    """
+    state_dict = dict(state_dict)
+    pos_embed = state_dict.get("pos_embed")
+    if pos_embed is not None and model.pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
+        # antialiased bicubic (Keys a=-0.5), the same weights as the original's jax.image.resize
+        old = int(round(pos_embed.shape[1] ** 0.5))
+        state_dict["pos_embed"] = resample_abs_pos_embed(
+            pos_embed,
+            new_size=model.patch_embed.grid_size,
+            old_size=(old, old),
+            num_prefix_tokens=0,
+            interpolation="bicubic",
+            antialias=True,
+        )
+    head = dict(model.head.named_parameters())
+    for key in ("weight", "bias"):
+        name = f"head.{key}"
+        if key not in head:
+            state_dict.pop(name, None)
+        elif name not in state_dict or state_dict[name].shape != head[key].shape:
+            state_dict[name] = head[key].detach().clone()
+    return state_dict
 
 
 def load_weights(

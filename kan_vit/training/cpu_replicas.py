@@ -12,7 +12,7 @@ XLA:CPU runs their collectives in-process. Three things would make those collect
   has run, so the lock above would be held while the graph waits for the other replicas.
 None of this applies on TPU, where each replica is a process with its own chip: nothing here runs there.
 Replicas as threads also share the host RNGs and Python globals; the trainer keeps no
-per-replica state in them (`kan_vit.seeding` serialises every use of the host RNGs).
+per-replica state in them (`kan_vit.training.seeding` serialises every use of the host RNGs).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `flax_to_timm` / `timm_to_flax` convert the weights losslessly (docs/original.md, "Checkpoints");
 the architecture is read off the tree itself (`infer_flax_architecture`) or off a model
 (`model_architecture`), and `timm_model_for` names the registered timm model that builds it.
-No files: `kan_vit.flax_msgpack` reads and writes the format, `kan_vit.convert` is the command line.
+No files: `kan_vit.flax.msgpack` reads and writes the format, `kan_vit.convert` is the command line.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from .vision_transformer import KanVisionTransformer
+from kan_vit.models.vision_transformer import KanVisionTransformer
 
 __all__ = [
     "ConvertError",
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 DEFAULT_IMAGE_SIZE = 224
-# timm names registered by kan_vit.vision_transformer, by feed-forward kind.
+# timm names registered by kan_vit.models.vision_transformer, by feed-forward kind.
 MODEL_NAMES = {
     True: ("kan_vit_tiny_patch16_224", "kan_vit_small_patch16_224", "kan_vit_base_patch16_224"),
     False: ("deit_jax_tiny_patch16_224", "deit_jax_small_patch16_224", "deit_jax_base_patch16_224"),

@@ -8,9 +8,9 @@ import dataclasses
 import timm
 import torch
 
-from .config import Config
-from .pretrained import load_pretrained, load_weights
-from .seeding import seeded_host_rngs
+from kan_vit.models.pretrained import load_pretrained, load_weights
+from kan_vit.training.config import Config
+from kan_vit.training.seeding import seeded_host_rngs
 
 
 def build_model(cfg: Config) -> torch.nn.Module:

@@ -10,8 +10,8 @@ import argparse
 import os
 import sys
 
-from .atomic_files import atomic_outputs
-from .metrics_log import METRICS_FILE, read_metrics
+from kan_vit.training.metrics_log import METRICS_FILE, read_metrics
+from kan_vit.utils.atomic_files import atomic_outputs
 
 PANELS = (("train/loss", "train loss (interval mean)"), ("train/lr", "learning rate"), ("val/acc1", "val acc1"))
 

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .atomic_files import atomic_outputs
-from .chebykan import ChebyKAN, chebyshev_basis
-from .kan_health import SATURATION, degree_energy
+from kan_vit.models.chebykan import ChebyKAN, chebyshev_basis
+from kan_vit.training.kan_health import SATURATION, degree_energy
+from kan_vit.utils.atomic_files import atomic_outputs
 
 DEFAULT_RANGE = (-4.0, 4.0)
 GRID_POINTS = 801
@@ -129,7 +129,7 @@ class InputStatistics:
 
 def collect_statistics(model: torch.nn.Module, batches, max_batches: int) -> InputStatistics:
     """Run up to `max_batches` validation batches (uint8 images) through `model` on the CPU."""
-    from .train import normalize
+    from kan_vit.training.loop import normalize
 
     stats = InputStatistics(model)
     model.eval()
@@ -294,13 +294,13 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    from .config import ConfigError
+    from kan_vit.training.config import ConfigError
 
     try:
         if args.config:
             state_dict, stats = _with_validation_data(args)
         else:
-            from .pretrained import read_state_dict
+            from kan_vit.models.pretrained import read_state_dict
 
             state_dict, stats = read_state_dict(args.checkpoint), None
         summary = inspect(state_dict, args.out, args.edges, stats)
@@ -313,9 +313,9 @@ def main(argv=None) -> int:
 
 def _with_validation_data(args) -> tuple[dict, InputStatistics]:
     """The configured model with the checkpoint's weights, and its inputs on validation batches."""
-    from .config import load, validate
-    from .data import check_dataset, create_valid_loader
-    from .model_factory import build_model_with_weights
+    from kan_vit.training.config import load, validate
+    from kan_vit.training.data import check_dataset, create_valid_loader
+    from kan_vit.training.model_factory import build_model_with_weights
 
     cfg = load(args.config, args.set)
     validate(cfg, world_size=1)

@@ -19,9 +19,11 @@ from typing import Literal
 
 import yaml
 
-from .atomic_files import atomic_outputs
-from .backend import ACCELERATE, XLA
-from .vision_transformer import Pooling, Posemb
+from kan_vit.models.vision_transformer import Pooling, Posemb
+from kan_vit.utils.atomic_files import atomic_outputs
+
+# The backends a config can be trained on (kan_vit.training.backend implements them).
+XLA, ACCELERATE = "xla", "accelerate"
 
 # The values a key may take, declared once: `validate` checks every Literal-typed key against
 # its values, and other modules derive their checks and messages from the same types.
@@ -126,7 +128,7 @@ class RunConfig:
     compile: bool = False  # new, accelerate only: torch.compile the model (XLA compiles every step anyway)
     export_flax: bool = False  # new: also write {name}-last/best.msgpack in the original's format
     compile_cache_dir: str | None = None  # new: persistent XLA compile cache (one subdir per process)
-    # new: log KAN input saturation, coefficient norm by degree and the gradient norm (kan_vit.kan_health)
+    # new: log KAN input saturation, coefficient norm by degree and the gradient norm (kan_vit.training.kan_health)
     kan_health: bool = False
 
 

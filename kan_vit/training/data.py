@@ -38,10 +38,10 @@ from torchvision.datasets import ImageFolder
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from .config import DataFormat
-from .demo_digits import prepare_demo_digits
-from .seeding import derive_seed, seeded_host_rngs
-from .transforms import train_transform, valid_transform
+from kan_vit.training.config import DataFormat
+from kan_vit.training.demo_digits import prepare_demo_digits
+from kan_vit.training.seeding import derive_seed, seeded_host_rngs
+from kan_vit.training.transforms import train_transform, valid_transform
 
 SKIP = None  # an item that stands for one dropped sample
 _SHUFFLE_BUFFER, _SHUFFLE_INITIAL = 1000, 100  # webdataset's defaults, as the original used

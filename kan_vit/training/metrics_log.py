@@ -15,8 +15,8 @@ import time
 
 from tqdm import tqdm
 
-from .atomic_files import atomic_outputs
-from .config import Config, to_dict
+from kan_vit.training.config import Config, to_dict
+from kan_vit.utils.atomic_files import atomic_outputs
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"

@@ -12,23 +12,16 @@ states a checkpoint holds make resume exact.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from .atomic_files import atomic_outputs
-from .backend import current, rng_backend
-from .config import Config, to_dict
-
-if TYPE_CHECKING:
-    from .train import TrainState
+from kan_vit.flax import msgpack as flax_msgpack
+from kan_vit.training.backend import current, rng_backend
+from kan_vit.training.config import Config, to_dict
+from kan_vit.training.state import TrainState
+from kan_vit.utils.atomic_files import atomic_outputs
 
 LAST, BEST = "last.pth", "best.pth"  # in run.output_dir
-
-
-class CheckpointError(ValueError):
-    """A file that is not a PyTorch checkpoint; the message names the file and what it holds."""
 
 
 def to_cpu(tree):
@@ -53,28 +46,10 @@ def load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_torch_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
-    """(state dict, the run's config or None) from .safetensors, a .pth state dict or a trainer
-    checkpoint (weights under "model", the resolved config under "config")."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state_dict = load_file(path)
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors and torch raise many kinds for a file that is not theirs
-        raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-    config = None
-    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
-        config = state_dict.get("config")
-        state_dict = state_dict["model"]
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{path}: holds a {type(state_dict).__name__}, not a state dict")
-    return state_dict, config
+def export_flax(flax_params: dict, cfg: Config, target: str) -> None:
+    """A checkpoint's weights in the original's format: {run.name}-best/last.msgpack (run.export_flax)."""
+    kind = os.path.splitext(target)[0]
+    flax_msgpack.save(flax_params, os.path.join(cfg.run.output_dir, f"{cfg.run.name or 'kan_vit'}-{kind}.msgpack"))
 
 
 # --- The trainer's checkpoints ------------------------------------------------------------------

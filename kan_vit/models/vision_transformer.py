@@ -28,7 +28,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn import functional as F
 
-from .chebykan import ChebyKAN
+from kan_vit.models.chebykan import ChebyKAN
+from kan_vit.models.pretrained import checkpoint_filter_fn, load_weights
 
 __all__ = ["KanVisionTransformer", "ChebyKANFeedForward", "sincos2d_position_embedding"]
 
@@ -282,10 +283,8 @@ class KanVisionTransformer(VisionTransformer):
 
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm calls this instead of its state-dict loader when the pretrained cfg sets
-        `custom_load` (the original's `.msgpack` weights): any file `kan_vit.pretrained` reads,
+        `custom_load` (the original's `.msgpack` weights): any file `kan_vit.models.pretrained` reads,
         converted, with the position embedding and head adapted as `checkpoint_filter_fn` does."""
-        from .pretrained import load_weights  # deferred: it imports the converter, which imports us
-
         load_weights(self, checkpoint_path)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -330,36 +329,6 @@ class KanVisionTransformer(VisionTransformer):
             else:
                 x = block(x, attn_mask=attn_mask, is_causal=is_causal)
         return self.norm(x)
-
-
-def checkpoint_filter_fn(state_dict: dict, model: KanVisionTransformer) -> dict:
-    """Adapt a state dict to `model` (timm's loader and `kan_vit.pretrained` unwrap checkpoints).
-
-    A learnable pos_embed is resampled (bicubic) to the model's grid; a missing head or one of
-    another shape is replaced by the model's own freshly initialised head (dropped if the model
-    has none).
-    """
-    state_dict = dict(state_dict)
-    pos_embed = state_dict.get("pos_embed")
-    if pos_embed is not None and model.pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
-        # antialiased bicubic (Keys a=-0.5), the same weights as the original's jax.image.resize
-        old = int(round(pos_embed.shape[1] ** 0.5))
-        state_dict["pos_embed"] = resample_abs_pos_embed(
-            pos_embed,
-            new_size=model.patch_embed.grid_size,
-            old_size=(old, old),
-            num_prefix_tokens=0,
-            interpolation="bicubic",
-            antialias=True,
-        )
-    head = dict(model.head.named_parameters())
-    for key in ("weight", "bias"):
-        name = f"head.{key}"
-        if key not in head:
-            state_dict.pop(name, None)
-        elif name not in state_dict or state_dict[name].shape != head[key].shape:
-            state_dict[name] = head[key].detach().clone()
-    return state_dict
 
 
 def _create_kan_vit(variant: str, pretrained: bool = False, **kwargs) -> KanVisionTransformer:

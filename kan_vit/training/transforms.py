@@ -13,7 +13,7 @@ from timm.data.auto_augment import augment_and_mix_transform, auto_augment_trans
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode, v2
 
-from .config import RandomCrop
+from kan_vit.training.config import RandomCrop
 
 # The original's fill colour for geometric ops: int() truncates, (123, 116, 103).
 AUGMENT_FILL = tuple(int(255 * m) for m in IMAGENET_DEFAULT_MEAN)

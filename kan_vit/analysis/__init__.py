@@ -1,0 +1,1 @@
+"""Looking at models and runs: the learned KAN functions and the metrics of runs."""

@@ -1,0 +1,1 @@
+"""Training: configs, data, optimizers, the loop, checkpoints and the backends it runs on."""

@@ -1,0 +1,1 @@
+"""Helpers with no project imports, for every layer."""
