@@ -1,6 +1,6 @@
 """Training-step throughput and peak memory on a GPU: what `launch/train_gpu.py` runs per update.
 
-    python benchmarks/gpu_step.py                          # the README table: batch 256, bf16, 224 px
+    python benchmarks/gpu_step.py                          # the GPU table: batch 256, bf16, 224 px
     python benchmarks/gpu_step.py --device cpu --batch 2 --steps 2 --warmup 1   # a smoke run anywhere
 
 For kan_vit_small_patch16_224, deit_jax_small_patch16_224 and timm's vit_small_patch16_224, eager and

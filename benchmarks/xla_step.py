@@ -11,14 +11,14 @@ creates the optimizer state, the second is the steady step) while the others wai
 process times the workers round-robin, one update at a time, so load from other processes hits
 each alike. `--turn N` gives each setup N consecutive updates per turn instead and reports each
 turn's first update apart: on this project's VM a step right after another process's update can
-run slower than the steps after it (README). One model's setups are alive at a time: the
+run slower than the steps after it (docs/performance.md). One model's setups are alive at a time: the
 original's step takes ~750k page faults per update, ran 3.0-7.6 s in one process shared with
 torch_xla setups, and slower with all six setups' workers alive than with its own model's only
-(README). Each update's minor page faults are counted: the XLA:CPU runtime maps its temporary
+(docs/performance.md). Each update's minor page faults are counted: the XLA:CPU runtime maps its temporary
 buffer afresh for every execution (on a TPU that is device memory). Compilations during timing
 must be 0. Each run also shows every setup's fastest and slowest quarter of timed updates with
 their CPU time (user + system, all threads) and voluntary context switches: whether a slow update
-did more work or the same work more slowly (README).
+did more work or the same work more slowly (docs/performance.md).
 
 --keep-memory runs every worker, this project's and the original's alike, with glibc's allocator
 told to keep freed memory (`KEEP_MEMORY`: one arena, no mmap, no trimming), so no update maps
@@ -27,12 +27,12 @@ the CPU's page faults (the original's KAN step maps ~2.9 GB per update) are not 
 speed there. The price: one arena serialises the runtimes' allocations from several threads
 (more voluntary context switches). `--keep-memory original` does so in the original's workers
 only: whether the ~3 GB that the original's KAN step frees per update slows the next process's
-update, on a VM whose kernel reports freed memory to its host (README).
+update, on a VM whose kernel reports freed memory to its host (docs/performance.md).
 
 --solo N times no comparison: each setup runs in N fresh processes, one after another, each alone
 on the machine, and every timed update's seconds are printed, a row per process. A setup that is
 slow in some of its processes and fast in others, while other setups show the same spells, is
-seeing the machine, not its graph (README). `--steps` picks which steps to time, in any mode.
+seeing the machine, not its graph (docs/performance.md). `--steps` picks which steps to time, in any mode.
 
 --original PATH (the `src` folder of a KAN-ViT checkout; needs flax, optax and chex) adds the
 original's own `training_step` (jax.pmap over one device, donated state) on the same batch, with
@@ -111,7 +111,7 @@ KEEP_MEMORY = {
 WARMUP_UPDATES = 2
 # untimed round-robin rounds once all of a group's workers are up: the original's KAN step (~750k
 # page faults per update) ran up to 2x slower in its first updates than in later ones, and after
-# 3 rounds still up to 1.4x in the first five timed ones (README, "The XLA step beside the
+# 3 rounds still up to 1.4x in the first five timed ones (docs/performance.md, "The XLA step beside the
 # original JAX step")
 WARMUP_ROUNDS = 6
 
