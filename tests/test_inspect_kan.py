@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from kan_vit.analysis.inspect_kan import SATURATION, InputStatistics, kan_layers, main, plot_layer
-from kan_vit.flax.msgpack import save as save_flax
 from kan_vit.flax.layout import timm_to_flax
+from kan_vit.flax.msgpack import save as save_flax
 from kan_vit.training.config import load
 from kan_vit.training.model_factory import build_model
 
