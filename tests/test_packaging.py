@@ -1,5 +1,6 @@
 """The package's metadata and its split into core dependencies and extras."""
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,11 @@ def test_sources_cite_only_documents_in_the_repository():
     for path in sources:
         for section in re.findall(r'docs/original\.md, "([^"]+)"', path.read_text()):
             assert f"\n## {section}\n" in (ROOT / "docs" / "original.md").read_text(), (path, section)
+
+
+def test_every_installed_command_points_at_a_function():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts, "pyproject.toml declares no commands"
+    for command, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function, None)), f"{command} -> {target}"
