@@ -8,22 +8,7 @@ Layers, each importing only those below it: `models` (torch and timm only) <- `f
 """
 
 from kan_vit import flax  # noqa: F401  (lets the models read the original's .msgpack checkpoints)
-from kan_vit.models import (
-    ChebyKAN,
-    ChebyKANFeedForward,
-    KanVisionTransformer,
-    cheby_kan,
-    cheby_kan_reference,
-    sincos2d_position_embedding,
-)
+from kan_vit.models import *  # noqa: F403  (the layer and the model classes, as kan_vit.ChebyKAN etc.)
+from kan_vit.models import __all__ as __all__
 
 __version__ = "0.1.0"
-
-__all__ = [
-    "ChebyKAN",
-    "ChebyKANFeedForward",
-    "KanVisionTransformer",
-    "cheby_kan",
-    "cheby_kan_reference",
-    "sincos2d_position_embedding",
-]
