@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kan_vit import ChebyKAN, cheby_kan, cheby_kan_reference
+from kan_vit.models.chebykan import chebyshev_power
 
 
 def numpy_cheby_kan(x: np.ndarray, coef: np.ndarray) -> np.ndarray:
@@ -95,6 +96,35 @@ def test_init_std():
     assert layer.coefficients.shape == (64, 64, 9)
     assert abs(layer.coefficients.std().item() / std - 1) < 0.02
     assert abs(layer.coefficients.mean().item()) < 5 * std / layer.coefficients.numel() ** 0.5
+
+
+@pytest.mark.parametrize("degree", [1, 2, 4, 8])
+def test_chebyshev_power_matches_monte_carlo(degree):
+    """S_K = sum_k E[T_k(tanh z)^2], z ~ N(0, 1): quadrature vs 2M NumPy samples, T_k by
+    NumPy's Chebyshev Vandermonde matrix (3 sigma of the Monte Carlo error is ~0.2%)."""
+    t = np.tanh(np.random.default_rng(0).standard_normal(2_000_000))
+    monte_carlo = (np.polynomial.chebyshev.chebvander(t, degree) ** 2).sum(1).mean()
+    assert chebyshev_power(degree) == pytest.approx(monte_carlo, rel=3e-3)
+    assert chebyshev_power(1) == pytest.approx(1 + np.mean(t**2), rel=3e-3)
+
+
+@pytest.mark.parametrize("degree", [2, 8])
+def test_variance_preserving_init_keeps_unit_variance(degree):
+    """Standard-normal inputs (a LayerNorm's output) keep Var = 1 through the layer (the
+    original's init gives S_K / (in (K + 1)^2), about 1e-4 at in = 384, K = 8)."""
+    torch.manual_seed(0)
+    x = torch.randn(4096, 384)
+    vp = ChebyKAN(384, 384, degree, init="variance_preserving")
+    assert vp.coefficients.std().item() == pytest.approx((384 * chebyshev_power(degree)) ** -0.5, rel=0.01)
+    with torch.no_grad():
+        assert vp(x).var().item() == pytest.approx(1.0, rel=0.05)
+        original = ChebyKAN(384, 384, degree)(x).var().item()
+    assert original == pytest.approx(chebyshev_power(degree) / (384 * (degree + 1) ** 2), rel=0.05)
+
+
+def test_rejects_unknown_init():
+    with pytest.raises(ValueError, match="init must be one of .*'variance_preserving'"):
+        ChebyKAN(4, 4, 2, init="xavier")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -216,6 +216,8 @@ def test_save_and_reload_round_trip(tmp_path):
         (["model.kan_degrees=[2, 3, 0, 1]"], "model.kan_degrees must list 4 integers"),
         (["model.use_kan=false", "model.kan_base_branch=true"], "model.kan_base_branch applies to KAN models only"),
         (["model.use_kan=false", "optim.kan_weight_decay=true"], "optim.kan_weight_decay applies to KAN models only"),
+        (["model.use_kan=false", "model.kan_init=variance_preserving"], "model.kan_init applies to KAN models only"),
+        (["model.kan_init=xavier"], "model.kan_init must be one of"),
         (["model.mlp_ratio=0"], "model.mlp_ratio must be > 0"),
         (["model.kan_input_scale=true", "run.export_flax=true"], "run.export_flax writes the original's format"),
     ],

@@ -66,3 +66,22 @@ def test_trainer_builds_the_constant_drop_path_schedule():
     )
     model = build_model(cfg)
     assert [(b.drop_path1.drop_prob, b.drop_path2.drop_prob) for b in model.blocks] == [(0.2, 0.2)] * 3
+
+
+def test_variance_preserving_init_rescales_only_the_kan_coefficients():
+    """model.kan_init draws the same normals as the original's init, scaled from
+    1 / (D (K + 1)) to 1 / sqrt(D S_K) (demo: D = 96, K = 4); every other parameter is the bit-same."""
+    original = build_model(load(DEMO, []))
+    vp = build_model(load(DEMO, ["model.kan_init=variance_preserving"]))
+    d, k = 96, 4
+    s_k = 2.774256592309589  # sum_k E[T_k(tanh z)^2], z ~ N(0, 1), k = 0..4 (by 2M-sample Monte Carlo: 2.7746)
+    scale = (d * (k + 1)) / (d * s_k) ** 0.5
+    vp_params = dict(vp.named_parameters())
+    coefficients = 0
+    for name, param in original.named_parameters():
+        if name.endswith(".kan.coefficients"):
+            torch.testing.assert_close(vp_params[name], param * scale, rtol=1e-6, atol=0)
+            coefficients += 1
+        else:
+            assert torch.equal(vp_params[name], param), name
+    assert coefficients == 4

@@ -22,10 +22,17 @@ it), and the reference when scripted: TorchScript cannot compile an autograd Fun
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import Literal, get_args
+
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ChebyKAN", "cheby_kan", "cheby_kan_reference", "chebyshev_basis"]
+__all__ = ["ChebyKAN", "KanInit", "cheby_kan", "cheby_kan_reference", "chebyshev_basis", "chebyshev_power"]
+
+KanInit = Literal["original", "variance_preserving"]
 
 
 def chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
@@ -34,6 +41,21 @@ def chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
     for _ in range(2, degree + 1):
         basis.append(2 * t * basis[-1] - basis[-2])
     return torch.stack(basis[: degree + 1], dim=-1)
+
+
+@functools.lru_cache
+def chebyshev_power(degree: int) -> float:
+    """S_K = sum_k E[T_k(tanh z)^2] for z ~ N(0, 1), k = 0..K: the mean square of one input's
+    basis. By 128-point Gauss-Hermite quadrature (exact to float64 rounding for these smooth
+    integrands); the derivation that uses it is in docs/kan_init.md."""
+    z, w = np.polynomial.hermite_e.hermegauss(128)
+    w = w / math.sqrt(2 * math.pi)  # the weights of N(0, 1)
+    t = np.tanh(z)
+    prev, cur, total = np.ones_like(t), t, 1.0
+    for _ in range(degree):
+        total += float(w @ cur**2)
+        prev, cur = cur, 2 * t * cur - prev
+    return total
 
 
 def cheby_kan_reference(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
@@ -208,7 +230,10 @@ def cheby_kan(x: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
 class ChebyKAN(nn.Module):
     """Chebyshev-KAN layer: `coefficients` of shape (in_features, out_features, degree + 1).
 
-    Init as the original: C ~ Normal(0, 1 / (in_features * (degree + 1))).
+    init='original' (the default): C ~ Normal(0, std = 1 / (in_features * (degree + 1))), which
+    scales the output to about 1 / sqrt(in_features) of the input's RMS.
+    init='variance_preserving' (new): std = 1 / sqrt(in_features * S_K), S_K = `chebyshev_power`,
+    so that Var(y) = 1 = Var(x) for standard-normal inputs, as after the block's LayerNorm.
     `memory_efficient=False` selects the straightforward reference formulation.
     `input_scale=True` (an ablation, not in the original) learns a per-input-channel scale s,
     init 1, applied before tanh: t = tanh(s * x). Off, the layer has no such parameter.
@@ -221,10 +246,13 @@ class ChebyKAN(nn.Module):
         degree: int,
         memory_efficient: bool = True,
         input_scale: bool = False,
+        init: KanInit = "original",
         device=None,
         dtype=None,
     ):
         super().__init__()
+        if init not in get_args(KanInit):
+            raise ValueError(f"ChebyKAN init must be one of {get_args(KanInit)}, got {init!r}")
         if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
             raise ValueError(
                 f"ChebyKAN degree must be an integer >= 1 (got {degree!r}); degree 0 would make the layer a constant"
@@ -233,12 +261,17 @@ class ChebyKAN(nn.Module):
         self.out_features = out_features
         self.degree = degree
         self.memory_efficient = memory_efficient
+        self.init = init
         self.coefficients = nn.Parameter(torch.empty(in_features, out_features, degree + 1, device=device, dtype=dtype))
         self.input_scale = nn.Parameter(torch.empty(in_features, device=device, dtype=dtype)) if input_scale else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.coefficients, std=1.0 / (self.in_features * (self.degree + 1)))
+        if self.init == "variance_preserving":
+            std = 1.0 / math.sqrt(self.in_features * chebyshev_power(self.degree))
+        else:
+            std = 1.0 / (self.in_features * (self.degree + 1))
+        nn.init.normal_(self.coefficients, std=std)
         if self.input_scale is not None:
             nn.init.ones_(self.input_scale)
 
@@ -256,4 +289,5 @@ class ChebyKAN(nn.Module):
 
     def extra_repr(self) -> str:
         scale = ", input_scale=True" if self.input_scale is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, degree={self.degree}{scale}"
+        init = f", init={self.init!r}" if self.init != "original" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, degree={self.degree}{scale}{init}"

@@ -28,7 +28,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn import functional as F
 
-from kan_vit.models.chebykan import ChebyKAN
+from kan_vit.models.chebykan import ChebyKAN, KanInit
 from kan_vit.models.pretrained import checkpoint_filter_fn, load_weights
 
 __all__ = ["KanVisionTransformer", "ChebyKANFeedForward", "sincos2d_position_embedding"]
@@ -99,12 +99,15 @@ class ChebyKANFeedForward(nn.Module):
         degree: int = 8,
         input_scale: bool = False,
         base_branch: bool = False,
+        init: KanInit = "original",
         device=None,
         dtype=None,
         **mlp_kwargs,
     ):
         super().__init__()
-        self.kan = ChebyKAN(in_features, in_features, degree, input_scale=input_scale, device=device, dtype=dtype)
+        self.kan = ChebyKAN(
+            in_features, in_features, degree, input_scale=input_scale, init=init, device=device, dtype=dtype
+        )
         self.base = nn.Linear(in_features, in_features, bias=False, device=device, dtype=dtype) if base_branch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +186,7 @@ class KanVisionTransformer(VisionTransformer):
         polynomial_degree: Chebyshev degree K >= 1 of the KAN layers, or one degree per block.
         kan_input_scale: learned per-channel scale before each KAN layer's tanh (ablation).
         kan_base_branch: residual base branch W_b SiLU(x) beside each KAN layer (ablation).
+        kan_init: the KAN coefficients' init, 'original' or 'variance_preserving' (`ChebyKAN`).
         posemb: 'learnable' (trained, patch tokens only) or 'sincos2d' (fixed).
         pooling: 'cls' (class token) or 'gap' (mean over all tokens, no class token).
         layerscale: learned per-channel residual scales, init 1e-4.
@@ -198,6 +202,7 @@ class KanVisionTransformer(VisionTransformer):
         polynomial_degree: int | Sequence[int] = 8,
         kan_input_scale: bool = False,
         kan_base_branch: bool = False,
+        kan_init: KanInit = "original",
         posemb: str = "learnable",
         pooling: str = "cls",
         layerscale: bool = False,
@@ -224,7 +229,7 @@ class KanVisionTransformer(VisionTransformer):
         self.posemb = posemb
         self.pooling = pooling
         if use_kan:
-            kan_options = dict(input_scale=kan_input_scale, base_branch=kan_base_branch)
+            kan_options = dict(input_scale=kan_input_scale, base_branch=kan_base_branch, init=kan_init)
             if isinstance(polynomial_degree, int):
                 mlp_layer = partial(ChebyKANFeedForward, degree=polynomial_degree, **kan_options)
             else:

@@ -19,6 +19,7 @@ from typing import Literal
 
 import yaml
 
+from kan_vit.models.chebykan import KanInit
 from kan_vit.models.vision_transformer import Pooling, Posemb
 from kan_vit.utils.atomic_files import atomic_outputs
 
@@ -72,10 +73,12 @@ class ModelConfig:
     polynomial_degree: int = 8
     # Ablations, new; the defaults are the original's model. kan_degrees: one degree per block
     # (replaces polynomial_degree); kan_input_scale: learned per-channel scale before tanh;
-    # kan_base_branch: + W_b SiLU(x) beside each KAN layer; mlp_ratio: MLP hidden width / dim.
+    # kan_base_branch: + W_b SiLU(x) beside each KAN layer; kan_init: the coefficients' init
+    # (variance_preserving: Var(KAN(x)) = Var(x), docs/kan_init.md); mlp_ratio: MLP hidden width / dim.
     kan_degrees: list | None = None
     kan_input_scale: bool = False
     kan_base_branch: bool = False
+    kan_init: KanInit = "original"
     mlp_ratio: float = 4.0
     layers: int = 12
     dim: int = 768
@@ -399,6 +402,7 @@ def _check_ablations(cfg: Config) -> None:
         "model.kan_degrees": model_cfg.kan_degrees is not None,
         "model.kan_input_scale": model_cfg.kan_input_scale,
         "model.kan_base_branch": model_cfg.kan_base_branch,
+        "model.kan_init": model_cfg.kan_init != "original",
         "optim.kan_weight_decay": cfg.optim.kan_weight_decay,
     }
     for key, on in kan_switches.items():
@@ -411,7 +415,8 @@ def _check_ablations(cfg: Config) -> None:
             f"got {model_cfg.kan_degrees!r}",
         )
     _check(model_cfg.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {model_cfg.mlp_ratio}")
-    changed = [key for key, on in kan_switches.items() if on and key.startswith("model.")]
+    # an init changes no parameter: its checkpoints are the original's format
+    changed = [key for key, on in kan_switches.items() if on and key.startswith("model.") and key != "model.kan_init"]
     _check(
         not (cfg.run.export_flax and changed),
         f"run.export_flax writes the original's format, which has no {', '.join(changed)}: unset one or the other",

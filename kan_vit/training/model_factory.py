@@ -29,6 +29,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
             polynomial_degree=model_cfg.kan_degrees or model_cfg.polynomial_degree,
             kan_input_scale=model_cfg.kan_input_scale,
             kan_base_branch=model_cfg.kan_base_branch,
+            kan_init=model_cfg.kan_init,
             mlp_ratio=model_cfg.mlp_ratio,
             posemb=model_cfg.posemb,
             pooling=model_cfg.pooling,
