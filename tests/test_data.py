@@ -243,7 +243,7 @@ def test_valid_demo_and_imagefolder_counts(demo_dir, tmp_path):
     loader, n = data.create_valid_loader(cfg, world_size=1, rank=0)
     labels = torch.cat([b[1] for b in loader])
     assert n == 360 and sorted(labels[labels != -1].tolist()) == sorted(
-        sum((_tar_labels(p) for p in data.expand_urls(data.prepare_demo_digits(demo_dir)[1])), [])
+        sum((_tar_labels(p) for p in data.expand_urls(data.prepare_demo("demo_digits", demo_dir)[1])), [])
     )
     for cls, count in (("a", 3), ("b", 3)):
         os.makedirs(tmp_path / cls)

@@ -28,7 +28,7 @@ XLA, ACCELERATE = "xla", "accelerate"
 
 # The values a key may take, declared once: `validate` checks every Literal-typed key against
 # its values, and other modules derive their checks and messages from the same types.
-DataFormat = Literal["webdataset", "imagefolder", "demo_digits"]
+DataFormat = Literal["webdataset", "imagefolder", "demo_digits", "demo_mnist"]
 RandomCrop = Literal["none", "rrc", "src"]
 Criterion = Literal["ce", "bce"]
 OptimizerName = Literal["adamw", "lamb"]
@@ -38,7 +38,8 @@ WandbMode = Literal["disabled", "offline", "online"]
 @dataclass
 class DataConfig:
     # "webdataset" (tar shards, keys jpg/cls; local paths, brace patterns, URLs),
-    # "imagefolder" (torchvision ImageFolder dirs) or "demo_digits" (embedded demo). New.
+    # "imagefolder" (torchvision ImageFolder dirs), "demo_digits" or "demo_mnist" (embedded demos,
+    # kan_vit.training.demo_digits). New.
     format: DataFormat = "webdataset"
     train_dataset_shards: str | None = None
     valid_dataset_shards: str | None = None

@@ -39,7 +39,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from kan_vit.training.config import DataFormat
-from kan_vit.training.demo_digits import prepare_demo_digits
+from kan_vit.training.demo_digits import DEMOS, prepare_demo
 from kan_vit.training.seeding import derive_seed, seeded_host_rngs
 from kan_vit.training.transforms import train_transform, valid_transform
 
@@ -53,19 +53,19 @@ def _is_remote(url: str) -> bool:
 
 
 def _source(cfg, split: str) -> str:
-    if cfg.data.format == "demo_digits":
-        return prepare_demo_digits(cfg.data.cache_dir)[("train", "valid").index(split)]
+    if cfg.data.format in DEMOS:
+        return prepare_demo(cfg.data.format, cfg.data.cache_dir)[("train", "valid").index(split)]
     return getattr(cfg.data, f"{split}_dataset_shards")
 
 
 def check_dataset(cfg) -> None:
     """Raise ValueError when a split's shard pattern or folder is unset, empty or missing.
 
-    URLs are only expanded, never opened. For demo_digits, writes the demo shards."""
+    URLs are only expanded, never opened. For the embedded demos, writes their shards."""
     fmt = cfg.data.format
-    if fmt == "demo_digits":  # written here, once, before any process starts
+    if fmt in DEMOS:  # written here, once, before any process starts
         try:
-            prepare_demo_digits(cfg.data.cache_dir)
+            prepare_demo(fmt, cfg.data.cache_dir)
         except OSError as exn:
             raise ValueError(
                 f"data.cache_dir={cfg.data.cache_dir!r}: cannot write the demo shards ({exn}):"
