@@ -26,7 +26,6 @@ import functools
 import math
 from typing import Literal, get_args
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -47,13 +46,16 @@ def chebyshev_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
 def chebyshev_power(degree: int) -> float:
     """S_K = sum_k E[T_k(tanh z)^2] for z ~ N(0, 1), k = 0..K: the mean square of one input's
     basis. By 128-point Gauss-Hermite quadrature (exact to float64 rounding for these smooth
-    integrands); the derivation that uses it is in docs/kan_init.md."""
-    z, w = np.polynomial.hermite_e.hermegauss(128)
-    w = w / math.sqrt(2 * math.pi)  # the weights of N(0, 1)
-    t = np.tanh(z)
-    prev, cur, total = np.ones_like(t), t, 1.0
+    integrands); the derivation that uses it is in docs/why_kan_trails.md."""
+    # Golub-Welsch: the nodes are the eigenvalues of the probabilists' Hermite Jacobi matrix,
+    # the N(0, 1) weights the squared first components of its eigenvectors
+    off = torch.arange(1, 128, dtype=torch.float64).sqrt()
+    nodes, vectors = torch.linalg.eigh(torch.diag(off, 1) + torch.diag(off, -1))
+    weights = vectors[0] ** 2
+    t = torch.tanh(nodes)
+    prev, cur, total = torch.ones_like(t), t, 1.0
     for _ in range(degree):
-        total += float(w @ cur**2)
+        total += float(weights @ cur**2)
         prev, cur = cur, 2 * t * cur - prev
     return total
 

@@ -75,7 +75,7 @@ class ModelConfig:
     # Ablations, new; the defaults are the original's model. kan_degrees: one degree per block
     # (replaces polynomial_degree); kan_input_scale: learned per-channel scale before tanh;
     # kan_base_branch: + W_b SiLU(x) beside each KAN layer; kan_init: the coefficients' init
-    # (variance_preserving: Var(KAN(x)) = Var(x), docs/kan_init.md); mlp_ratio: MLP hidden width / dim.
+    # (variance_preserving: Var(KAN(x)) = Var(x), docs/why_kan_trails.md); mlp_ratio: MLP hidden width / dim.
     kan_degrees: list | None = None
     kan_input_scale: bool = False
     kan_base_branch: bool = False
