@@ -135,14 +135,12 @@ def main() -> None:
         parser.error(f"--only: unknown configuration {unknown[0]!r}; choose from {sorted(grid)}")
     names = [n for n in grid if args.only is None or n in args.only or n in (MLP, "KAN K=4")]
 
-    results = {}
-    for name in names:
-        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-        overrides = grid[name] + [f"model.layers={args.layers}"]
-        results[name] = [
-            run_one(config, overrides, args.steps, seed, os.path.join(out, slug, f"seed{seed}"))
-            for seed in range(args.seeds)
-        ]
+    results = {name: [] for name in names}
+    for seed in range(args.seeds):  # seed-major: an interrupted grid leaves complete pairs
+        for name in names:
+            slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+            overrides = grid[name] + [f"model.layers={args.layers}"]
+            results[name].append(run_one(config, overrides, args.steps, seed, os.path.join(out, slug, f"seed{seed}")))
 
     kan_params, mlp_params = results["KAN K=4"][0]["params"], results[MLP][0]["params"]
     assert abs(mlp_params - kan_params) <= 0.01 * kan_params, (mlp_params, kan_params)
