@@ -40,6 +40,7 @@ from webdataset.tariterators import base_plus_ext
 
 from kan_vit.training.config import DataFormat
 from kan_vit.training.demo_digits import prepare_demo_digits
+from kan_vit.training.preemption import ignore_in_loader_worker
 from kan_vit.training.seeding import derive_seed, seeded_host_rngs
 from kan_vit.training.transforms import train_transform, valid_transform
 
@@ -336,6 +337,7 @@ def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0
         num_workers=workers,
         persistent_workers=workers > 0,
         generator=_own_generator(),
+        worker_init_fn=ignore_in_loader_worker,
     )
 
 
@@ -414,7 +416,12 @@ def create_valid_loader(cfg, *, world_size: int, rank: int, local_replicas: int 
     mine[0] += max(map(sum, planned)) - sum(mine)
     dataset = _ValidBatches([[units[u] for u in part] for part in parts[rank]], mine, samples, cfg, batch_size)
     loader = DataLoader(
-        dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0, generator=_own_generator()
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=_own_generator(),
+        worker_init_fn=ignore_in_loader_worker,
     )
     return loader, sum(sizes[u] for part in parts[rank] for u in part)
 
