@@ -62,18 +62,22 @@ class BackgroundWriter:
     def __init__(self):
         self._thread, self._error = None, None
 
-    def write(self, ckpt: dict, targets: list[str], cfg: Config, flax_params: dict | None) -> None:
-        """Each of `targets` (LAST, BEST) in run.output_dir, after the previous write finished."""
+    def write(self, ckpt: dict, targets: list[str], cfg: Config, flax_params: dict | None, then=None) -> None:
+        """Each of `targets` (LAST, BEST) in run.output_dir, after the previous write finished;
+        then `then()` when given."""
         self.wait()
-        self._thread = threading.Thread(target=self._write, args=(ckpt, targets, cfg, flax_params), daemon=True)
+        args = (ckpt, targets, cfg, flax_params, then)
+        self._thread = threading.Thread(target=self._write, args=args, daemon=True)
         self._thread.start()
 
-    def _write(self, ckpt, targets, cfg, flax_params) -> None:
+    def _write(self, ckpt, targets, cfg, flax_params, then) -> None:
         try:
             for target in targets:
                 save(ckpt, os.path.join(cfg.run.output_dir, target))
                 if flax_params is not None:
                     export_flax(flax_params, cfg, target)
+            if then is not None:
+                then()
         except BaseException as error:  # noqa: BLE001 - handed to the training thread
             self._error = error
 

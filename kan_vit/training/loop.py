@@ -3,7 +3,9 @@ one process per GPU (or CPU process) via accelerate. The loop is written once; w
 between the two runtimes is a `kan_vit.training.backend` method (`backend.current()`).
 
 Reads like PyTorch/XLA's ImageNet reference script: `train` builds everything, then runs a linear
-loop of `train_step` and, every eval_interval updates and at the end, `evaluate` + checkpoints.
+loop of `train_step` and, every eval_interval updates and at the end, `evaluate` + checkpoints;
+also a checkpoint every run.checkpoint_interval updates / run.checkpoint_minutes, and a stop
+with a checkpoint at SIGTERM / SIGINT (`kan_vit.training.preemption`).
 
 XLA rules, all kept in `train_step` / `evaluate` / `normalize` (harmless under accelerate, where
 `backend.sync` is a no-op and step closures run at once):
@@ -30,7 +32,7 @@ from kan_vit.training import checkpoint, kan_health, preemption
 from kan_vit.training.backend import XlaBackend, current
 from kan_vit.training.config import Config, from_dict, to_dict
 from kan_vit.training.config import save as save_config
-from kan_vit.training.data import create_train_loader, create_valid_loader
+from kan_vit.training.data import create_train_loader, create_valid_loader, prune_stream_snapshots
 from kan_vit.training.metrics_log import RunLogger
 from kan_vit.training.model_factory import build_model
 from kan_vit.training.optim import create_optimizer, lr_at, set_lr
@@ -39,6 +41,7 @@ from kan_vit.training.state import TrainState
 _logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
+STREAM_DIR = "stream"  # the loader workers' stream states (kan_vit.training.data.StreamSnapshots)
 
 
 class DivergenceError(RuntimeError):
@@ -255,7 +258,14 @@ def train(cfg: Config) -> dict:
     start_batch = ckpt["train_batch"] if ckpt is not None else 0  # the stream continues where it stopped
     local = backend.local_process_count  # the loader workers in the config are per host
     train_loader = backend.device_loader(
-        create_train_loader(cfg, world_size=world_size, rank=rank, start_batch=start_batch, local_replicas=local)
+        create_train_loader(
+            cfg,
+            world_size=world_size,
+            rank=rank,
+            start_batch=start_batch,
+            local_replicas=local,
+            snapshot_dir=os.path.join(cfg.run.output_dir, STREAM_DIR),
+        )
     )
     valid_data, _ = create_valid_loader(cfg, world_size=world_size, rank=rank, local_replicas=local)
     valid_loader = backend.device_loader(valid_data)
@@ -333,7 +343,10 @@ def _write_checkpoint(state: TrainState, cfg: Config, metrics: dict, targets: li
         started = time.perf_counter()
         ckpt = checkpoint.from_state(state, cfg, metrics, all_rng)
         flax_params = timm_to_flax(ckpt["model"], cfg.model.heads) if cfg.run.export_flax else None
-        writer.write(ckpt, targets, cfg, flax_params)
+        # then the stream states older than the one a resume from this checkpoint starts at go
+        stream_dir = os.path.join(cfg.run.output_dir, STREAM_DIR)
+        prune = functools.partial(prune_stream_snapshots, stream_dir, ckpt["train_batch"])
+        writer.write(ckpt, targets, cfg, flax_params, then=prune)
         logger.info(
             f"checkpoint at step {state.host_step}: {time.perf_counter() - started:.2f} s copying to the host, "
             f"writing {' and '.join(targets)} in the background"
