@@ -38,21 +38,26 @@ def kill_at_first_checkpoint(command: list[str], env: dict, out_dir, total_steps
     return killed_at
 
 
-def _first_logged_step(out_dir) -> int:
-    path = out_dir / "metrics.jsonl"
-    return read_metrics(str(path))[0]["step"] if path.exists() and path.stat().st_size else 0
+def _last_logged_step(out_dir) -> int:
+    try:
+        records = read_metrics(str(out_dir / "metrics.jsonl"))
+    except (OSError, ValueError):  # not there yet, or a line being written
+        return 0
+    return records[-1]["step"] if records else 0
 
 
 def stop_with_sigterm(
     command: list[str], env: dict, out_dir, total_steps: int, rank: int | None = None, status: int = 128 + 15
 ) -> int:
-    """Start `command`, send SIGTERM once it logged its first update: to the launcher, or (`rank`)
+    """Start `command`, send SIGTERM once it logged an update (after its checkpoint's, when it
+    resumes): to the launcher, or (`rank`)
     to the one process of the tree with that RANK (a torchrun worker). The run must stop at an
     agreement boundary with last.pth written there, say so, and exit with `status`; returns the step."""
+    resumed_at = checkpoint.load(str(out_dir / "last.pth"))["step"] if (out_dir / "last.pth").exists() else 0
     proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
-        while not _first_logged_step(out_dir):
+        while _last_logged_step(out_dir) <= resumed_at:
             assert proc.poll() is None and time.time() < deadline, "the run ended before its first log"
             time.sleep(0.02)
         target = proc.pid
