@@ -370,3 +370,19 @@ def test_normalisation_constants_are_uploaded_once():
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(out.cpu(), (0 - mean).expand(2, 3, 4, 4) / std)
+
+
+@pytest.mark.slow
+def test_checkpoints_by_interval_and_by_the_clock_besides_evaluations(tmp_path, capsys):
+    """run.checkpoint_interval=4 writes at 4, 8 and 12; a clock of 1e-6 minutes is due at every
+    agreement boundary (10); the end writes at 14. Each write logs its copy-to-host stall."""
+    cfg = load(
+        DEMO,
+        tiny_overrides(tmp_path)
+        + ["schedule.training_steps=14", "run.checkpoint_interval=4", "run.checkpoint_minutes=1e-6"],
+    )
+    loop.train(cfg)
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint at step ")]
+    assert [int(line.split()[3].rstrip(":")) for line in logged] == [4, 8, 10, 12, 14]
+    assert all(float(line.split()[4]) >= 0 and "in the background" in line for line in logged)
+    assert checkpoint.load(str(tmp_path / "last.pth"))["step"] == 14
