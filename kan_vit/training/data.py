@@ -7,8 +7,11 @@ the embedded demo (`demo_digits`, written as shards and then read like ImageNet)
 Determinism: shard and sample order come from `data.shuffle_seed`; each augmentation is seeded by
 (shuffle_seed, rank, worker, stream position) and each batch's mixup/cutmix by (mixup_seed + rank,
 batch index), so `start_batch` reproduces an uninterrupted run's batches bit for bit (same
-world_size and worker count). Resuming replays the decode of the skipped stream (needed to find
-where corrupt samples fell) but not its augmentation.
+world_size and worker count). Loader workers save their stream state every SNAPSHOT_EVERY
+batches (`StreamSnapshots`); a loader started at `start_batch` continues from the newest state
+before it and decodes (without augmenting) only the batches after that state, so a resume costs
+the same at any point of a run; without a state it replays the decode of the whole skipped
+stream (needed to find where corrupt samples fell).
 
 Bad data is never fatal: an undecodable image, a sample without `jpg`/`cls`, or a truncated tar
 member is dropped and counted in each batch's `num_skipped`.
