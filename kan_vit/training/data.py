@@ -46,7 +46,7 @@ from webdataset.tariterators import base_plus_ext
 
 from kan_vit.training.config import DataFormat
 from kan_vit.training.demo_digits import prepare_demo_digits
-from kan_vit.training.preemption import ignore_in_loader_worker
+from kan_vit.training.preemption import end_loader_workers_at_exit, ignore_in_loader_worker
 from kan_vit.training.seeding import derive_seed, seeded_host_rngs
 from kan_vit.training.transforms import train_transform, valid_transform
 from kan_vit.utils.atomic_files import atomic_outputs
@@ -494,6 +494,8 @@ def create_train_loader(
         source = expand_urls(_source(cfg, "train"))
         items = functools.partial(_ShardStream, source, cfg, world_size, rank)  # picklable: spawn-started workers
     workers = loader_workers(cfg.data.train_loader_workers, local_replicas)
+    if workers:
+        end_loader_workers_at_exit()
     snapshots = None
     if snapshot_dir is not None:
         snapshots = StreamSnapshots(snapshot_dir, _snapshot_key(cfg, source, world_size, rank, workers, batch_size))
@@ -566,6 +568,8 @@ def create_valid_loader(cfg, *, world_size: int, rank: int, local_replicas: int 
     if batch_size < 1:
         raise ValueError(f"data.valid_batch_size={cfg.data.valid_batch_size} is below world_size={world_size}")
     workers = loader_workers(cfg.data.valid_loader_workers, local_replicas)
+    if workers:
+        end_loader_workers_at_exit()
     num_parts = max(1, workers)
     if cfg.data.format == "imagefolder":
         units, samples = ImageFolder(cfg.data.valid_dataset_shards).samples, _folder_samples

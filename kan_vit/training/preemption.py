@@ -15,6 +15,7 @@ at once (the default action), without a checkpoint.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import threading
@@ -24,6 +25,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_WINDOW_S = 1.0
 
 _first = {"signum": 0, "at": 0.0}  # the first signal this process got; written by the handler only
+_exit_hook = {"registered": False}
 
 
 class Preempted(Exception):
@@ -95,9 +97,24 @@ def install_forwarding() -> None:
 def ignore_in_loader_worker(worker_id: int) -> None:
     """A data loader worker's `worker_init_fn`: a signal to the whole process group (Ctrl-C, a VM
     shutdown) must not end the workers before the trainer's last update and checkpoint; the
-    workers end with their trainer."""
+    workers end with their trainer (`end_loader_workers_at_exit`)."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+def end_loader_workers_at_exit() -> None:
+    """In a process that starts loader workers: at its exit multiprocessing ends daemonic children
+    (loader workers) with SIGTERM, which they ignore, and waits for them; a finalizer that runs
+    before that ends them with SIGKILL (they hold no state)."""
+    if not _exit_hook["registered"]:
+        multiprocessing.util.Finalize(None, _kill_daemonic_children, exitpriority=100)
+        _exit_hook["registered"] = True
 
 
 class InstallInWorker:
