@@ -6,7 +6,9 @@ through accelerate (every process of an `accelerate launch` / torchrun job, or o
 process). `--backend auto` picks accelerate when started by accelerate launch / torchrun, when a
 GPU is present or when torch_xla is not installed, else torch_xla. The whole config (keys,
 values, combinations, datasets, the checkpoint to resume) is checked before any process starts;
-a problem prints one line and exits with status 2; a diverged run exits with status 3.
+a problem prints one line and exits with status 2; a diverged run exits with status 3; a run
+stopped by SIGTERM / SIGINT exits with 128 + the signal (143 / 130) after writing last.pth
+(`kan_vit.training.preemption`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 
 import yaml
 
-from kan_vit.training import backend
+from kan_vit.training import backend, preemption
 from kan_vit.training.checkpoint import check_resume
 from kan_vit.training.config import (
     ACCELERATE,
@@ -105,13 +107,18 @@ def train_main(argv=None, backend_name: str | None = None, doc: str = TRAIN_DOC)
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
     try:
         if name == ACCELERATE:
-            train(cfg)
-            backend.current().accelerator.end_training()
+            preemption.install()  # this process is the replica (XLA: `launch` installs them in its replicas)
+            try:
+                train(cfg)
+            finally:
+                backend.current().accelerator.end_training()
         else:
             launch(cfg)
     except DivergenceError as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 3
+    except preemption.Preempted as stop:  # the loop logged it
+        return stop.exit_status
     return 0
 
 

@@ -1,5 +1,5 @@
-"""Kill -9 a training run at its first checkpoint, rerun it, and compare it with an uninterrupted
-run: shared by the one-replica and multi-replica resume tests."""
+"""Kill -9 a training run at its first checkpoint, or stop it with SIGTERM, rerun it, and compare
+it with an uninterrupted run: shared by the one-replica and multi-replica resume tests."""
 
 import os
 import signal
@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from kan_vit.training import checkpoint
+from kan_vit.training.loop import AGREE_EVERY
 from kan_vit.training.metrics_log import read_metrics
 
 
@@ -37,19 +38,60 @@ def kill_at_first_checkpoint(command: list[str], env: dict, out_dir, total_steps
     return killed_at
 
 
+def _last_logged_step(out_dir) -> int:
+    try:
+        records = read_metrics(str(out_dir / "metrics.jsonl"))
+    except (OSError, ValueError):  # not there yet, or a line being written
+        return 0
+    return records[-1]["step"] if records else 0
+
+
+def stop_with_sigterm(
+    command: list[str], env: dict, out_dir, total_steps: int, rank: int | None = None, status: int = 128 + 15
+) -> int:
+    """Start `command`, send SIGTERM once it logged an update (after its checkpoint's, when it
+    resumes): to the launcher, or (`rank`)
+    to the one process of the tree with that RANK (a torchrun worker). The run must stop at an
+    agreement boundary with last.pth written there, say so, and exit with `status`; returns the step."""
+    resumed_at = checkpoint.load(str(out_dir / "last.pth"))["step"] if (out_dir / "last.pth").exists() else 0
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while _last_logged_step(out_dir) <= resumed_at:
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first log"
+            time.sleep(0.02)
+        target = proc.pid
+        if rank is not None:
+            workers = psutil.Process(proc.pid).children(recursive=True)
+            target = next(w.pid for w in workers if w.environ().get("RANK") == str(rank))
+        os.kill(target, signal.SIGTERM)
+        output = proc.communicate(timeout=240)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stopped = checkpoint.load(str(out_dir / "last.pth"))["step"]
+    assert f"stopped by SIGTERM at step {stopped}" in output, output[-3000:]
+    assert stopped % AGREE_EVERY == 0 and stopped < total_steps, "the stop came too late to test anything"
+    assert proc.returncode == status, output[-3000:]
+    return stopped
+
+
 def rerun_resumes(command: list[str], env: dict, out_dir, killed_at: int) -> None:
     rerun = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming from {out_dir / 'last.pth'} at step {killed_at}" in rerun.stdout + rerun.stderr
 
 
-def assert_resume_matches_uninterrupted(command_for, env: dict, tmp_path, total_steps: int) -> None:
-    """Run `command_for(out_dir)` uninterrupted in tmp_path/whole and killed + rerun in
-    tmp_path/broken; both must end alike."""
+def assert_resume_matches_uninterrupted(
+    command_for, env: dict, tmp_path, total_steps: int, interrupt=kill_at_first_checkpoint
+) -> None:
+    """Run `command_for(out_dir)` uninterrupted in tmp_path/whole and interrupted (`interrupt`:
+    kill_at_first_checkpoint or stop_with_sigterm) + rerun in tmp_path/broken; both must end alike."""
     whole = subprocess.run(command_for(tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
     broken = tmp_path / "broken"
-    killed_at = kill_at_first_checkpoint(command_for(broken), env, broken, total_steps)
+    killed_at = interrupt(command_for(broken), env, broken, total_steps)
     rerun_resumes(command_for(broken), env, broken, killed_at)
     assert_same_end(tmp_path / "whole", broken, total_steps)
 

@@ -8,6 +8,7 @@ accelerate: the trainer in real CPU processes (torchrun, gloo), in processes whe
 cannot be imported: DDP's gradient average, the trainer's collectives, resume and the checkpoint
 format shared with the XLA backend."""
 
+import functools
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import torch
 import torch_xla
 from cpu_processes import torchrun, without_torch_xla_env
-from kill_and_resume import assert_resume_matches_uninterrupted
+from kill_and_resume import assert_resume_matches_uninterrupted, stop_with_sigterm
 from test_train import DEMO, EVALUATE, LAUNCH, ROOT, tiny_overrides
 
 from kan_vit.training import checkpoint, loop
@@ -170,10 +171,14 @@ def _resume_overrides(out, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_replicas_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
+def test_two_replicas_stop_together_at_sigterm_and_resume_like_an_uninterrupted_run(tmp_path):
+    """SIGTERM to the launcher: both replica threads stop after the same update (status 143)."""
     assert_resume_matches_uninterrupted(
-        lambda out: _launch(_resume_overrides(out), 2)[0], _replica_env(2), tmp_path, 24
+        lambda out: _launch(_resume_overrides(out), 2)[0], _replica_env(2), tmp_path, 24, stop_with_sigterm
     )
+    # the gather of the signal notes (at 10 and 20) compiled once: no graph is added after it
+    compiles = [r["perf/compiles"] for r in read_metrics(str(tmp_path / "whole" / "metrics.jsonl")) if "val/acc1" in r]
+    assert len(compiles) == 3 and compiles[1] == compiles[2]
     assert len(checkpoint.load(str(tmp_path / "broken" / "last.pth"))["rng"]) == 2
 
 
@@ -269,13 +274,16 @@ def test_two_process_demo_learns_and_both_backends_evaluate_its_checkpoint(tmp_p
 
 
 @pytest.mark.slow
-def test_two_processes_resume_after_kill_9_like_an_uninterrupted_run(tmp_path):
-    """Dropout and drop-path: the per-process RNG states matter; one loader worker per process."""
+def test_two_processes_stop_together_at_sigterm_to_one_and_resume_like_an_uninterrupted_run(tmp_path):
+    """SIGTERM to the rank-1 process only: both stop after the same update, each with status 143
+    (torchrun reports the workers' failure as its status 1). Dropout and drop-path: the
+    per-process RNG states matter; one loader worker per process."""
     assert_resume_matches_uninterrupted(
         lambda out: torchrun(2, TRAIN_GPU, *_args(_resume_overrides(out, "data.train_loader_workers=2"))),
         without_torch_xla_env(tmp_path),
         tmp_path,
         24,
+        functools.partial(stop_with_sigterm, rank=1, status=1),
     )
     assert len(checkpoint.load(str(tmp_path / "broken" / "last.pth"))["rng"]) == 2
 

@@ -2,6 +2,7 @@
 sharding, exact validation counts, bit-exact resume, bad data, dataset errors."""
 
 import io
+import json
 import math
 import os
 import pickle
@@ -411,3 +412,77 @@ def test_loaders_start_workers_under_spawn(unique_shards):
     want, got = next(iter(train)), next(iter(spawned))
     assert all(torch.equal(w, g) for w, g in zip(want, got))
     pickle.dumps(valid.dataset)
+
+
+# ---------------------------------------------------------------- resuming from stream states
+
+
+@pytest.fixture
+def counted_shards(tmp_path):
+    """10 shards of 30 samples (label = sample index; every 7th image undecodable), read through
+    `pipe:` commands that log each shard they open."""
+    rng = np.random.default_rng(2)
+    for s in range(10):
+        members = []
+        for i in range(s * 30, (s + 1) * 30):
+            image = b"\xff\xd8garbage" if i % 7 == 3 else _jpeg(rng.integers(0, 256, (8, 8, 3)))
+            members += [(f"s{i:04d}.jpg", image), (f"s{i:04d}.cls", b"%d" % i)]
+        _write_tar(tmp_path / f"c-{s}.tar", members)
+    log = tmp_path / "opened.log"
+    return f"pipe:f={tmp_path}/c-{{0..9}}.tar; echo $f >> {log}; cat $f", log
+
+
+def _opened(log) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def test_webdataset_shuffle_order_is_kept(unique_shards):
+    """The stream's sample order is webdataset's: its shuffle buffer over the worker's shards in
+    each pass's seeded permutation (computed here with webdataset itself)."""
+    import random
+
+    import webdataset as wds
+
+    cfg = _plain_cfg(unique_shards, labels=SHARDS * PER_SHARD, world_size=1, per_replica=8)
+    urls = sorted(os.path.join(os.path.dirname(unique_shards), n) for n in os.listdir(os.path.dirname(unique_shards)))
+    order = [urls[i] for epoch in range(2) for i in np.random.default_rng([0, epoch]).permutation(SHARDS)]
+    labels = [label for url in order for label in _tar_labels(url)]
+    rng = random.Random(data.derive_seed(0, 0, 0, 0))
+    want = list(wds.shuffle(data._SHUFFLE_BUFFER, data._SHUFFLE_INITIAL, rng=rng)(iter(labels)))[:400]
+    assert _ids(data.create_train_loader(cfg, world_size=1, rank=0), 50)[0] == want
+
+
+@pytest.mark.filterwarnings("ignore:shard")
+def test_resumed_loader_reads_only_the_shards_its_state_names_and_continues_exactly(
+    counted_shards, tmp_path, monkeypatch
+):
+    """2 replicas sharing a stream (2 copies), 2 loader workers, undecodable samples: a loader
+    resumed at batch 96 from the states an earlier loader saved opens, before its first batch,
+    only the shards those states name (the buffer's, read up to their last referenced record, and
+    the current one, read on from its position) and at most one more per worker (its prefetched
+    batches), where replaying from batch 0 opens every shard read since; and it
+    yields the batches (and skip counts) of the uninterrupted loader."""
+    monkeypatch.setattr(data, "_SHUFFLE_BUFFER", 20)  # a buffer spanning one or two shards, as on ImageNet
+    monkeypatch.setattr(data, "_SHUFFLE_INITIAL", 5)
+    pattern, log = counted_shards
+    cfg = _plain_cfg(pattern, labels=300, world_size=2, per_replica=4, repeats=2, workers=2)
+    states = tmp_path / "stream"
+    loader = data.create_train_loader(cfg, world_size=2, rank=0, snapshot_dir=str(states))
+    full = [b for _, b in zip(range(100), loader)]
+    del loader
+    assert sum(int(b[2]) for b in full[96:]) > 0  # undecodable samples fall in the compared batches
+    named = 0
+    for worker in range(2):  # the states at batches 96 and 97 (every 16th batch of each worker)
+        (state,) = [json.loads(p.read_text()) for p in states.glob(f"*-w{worker}-{96 + worker}.json")]
+        refs = state["buffer"] + ([state["sample"][0]] if state["sample"] else [])
+        named += len({shard for shard, _ in refs}) + 1  # the buffer's shards, then the one read on from
+    log.unlink()
+    replayed = [b for _, b in zip(range(4), data.create_train_loader(cfg, world_size=2, rank=0, start_batch=96))]
+    replay_opens = _opened(log)
+    log.unlink()
+    resumed = iter(data.create_train_loader(cfg, world_size=2, rank=0, start_batch=96, snapshot_dir=str(states)))
+    first = next(resumed)
+    assert _opened(log) <= named + 2 < replay_opens
+    resumed = [first] + [b for _, b in zip(range(3), resumed)]
+    for want, got, slow in zip(full[96:], resumed, replayed):
+        assert all(torch.equal(w, g) and torch.equal(w, s) for w, g, s in zip(want, got, slow))

@@ -12,7 +12,7 @@ import torch
 import torch_xla
 import torch_xla.debug.metrics as met
 import torch_xla.distributed.parallel_loader as pl
-from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes
+from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes, stop_with_sigterm
 
 from kan_vit.training import checkpoint, loop
 from kan_vit.training.config import load, to_dict
@@ -309,13 +309,17 @@ def _resume_overrides(out):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_ends_like_an_uninterrupted_run(tmp_path):
+def test_resume_after_kill_9_and_after_sigterm_ends_like_an_uninterrupted_run(tmp_path):
+    """Killed at its first checkpoint (an evaluation), resumed, stopped by SIGTERM between
+    evaluations (exit status 143, last.pth at the stop), resumed again to the end."""
     env = dict(os.environ, PJRT_DEVICE="CPU")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     loop.train(load(DEMO, _resume_overrides(whole)))  # the uninterrupted run, in this process
     command = [sys.executable, LAUNCH, "--config", DEMO] + [a for s in _resume_overrides(broken) for a in ("--set", s)]
     killed_at = kill_at_first_checkpoint(command, env, broken, total_steps=32)
-    rerun_resumes(command, env, broken, killed_at)
+    stopped_at = stop_with_sigterm(command, env, broken, total_steps=32)
+    assert stopped_at > killed_at
+    rerun_resumes(command, env, broken, stopped_at)
     assert_same_end(whole, broken, total_steps=32)
 
 
@@ -366,3 +370,19 @@ def test_normalisation_constants_are_uploaded_once():
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(out.cpu(), (0 - mean).expand(2, 3, 4, 4) / std)
+
+
+@pytest.mark.slow
+def test_checkpoints_by_interval_and_by_the_clock_besides_evaluations(tmp_path, capsys):
+    """run.checkpoint_interval=4 writes at 4, 8 and 12; a clock of 1e-6 minutes is due at every
+    agreement boundary (10); the end writes at 14. Each write logs its copy-to-host stall."""
+    cfg = load(
+        DEMO,
+        tiny_overrides(tmp_path)
+        + ["schedule.training_steps=14", "run.checkpoint_interval=4", "run.checkpoint_minutes=1e-6"],
+    )
+    loop.train(cfg)
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint at step ")]
+    assert [int(line.split()[3].rstrip(":")) for line in logged] == [4, 8, 10, 12, 14]
+    assert all(float(line.split()[4]) >= 0 and "in the background" in line for line in logged)
+    assert checkpoint.load(str(tmp_path / "last.pth"))["step"] == 14

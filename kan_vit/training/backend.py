@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from kan_vit.training import preemption
 from kan_vit.training.config import ACCELERATE, XLA
 
 
@@ -46,16 +47,20 @@ class XlaBackend:
             return int(os.environ.get("CPU_NUM_DEVICES", "1"))
         raise RuntimeError(f"PJRT_DEVICE={device}: this trainer supports TPU (and CPU for tests)")
 
-    def spawn(self, fn, args: tuple) -> None:
+    def spawn(self, fn, args: tuple, stop_on_signal: bool = False) -> None:
         """fn(index, *args) on every device of this host through xmp.spawn (one process per TPU chip;
-        on CPU one process whose replicas are threads); `fn` must be a module-level function."""
+        on CPU one process whose replicas are threads); `fn` must be a module-level function.
+        `stop_on_signal`: SIGTERM / SIGINT reach the replicas as a note (`kan_vit.training.preemption`)."""
         import torch_xla.distributed.xla_multiprocessing as xmp
 
         from kan_vit.training import cpu_replicas
 
         if cpu_replicas.threaded_replicas(self._xr.device_type(), self.expected_world_size()):
             cpu_replicas.prepare_spawn(self.expected_world_size())
-        xmp.spawn(_run_xla_replica, args=(fn, *args))
+        if stop_on_signal:
+            preemption.install_forwarding()  # a signal to this launcher reaches the replicas
+        installer = preemption.InstallInWorker() if stop_on_signal else None
+        xmp.spawn(_run_xla_replica, args=(installer, fn, *args))
 
     @staticmethod
     def initialize_compile_cache(directory: str, index: int) -> None:
@@ -167,7 +172,8 @@ class XlaBackend:
         self._xm.set_rng_state(state[XLA], self.device)
 
 
-def _run_xla_replica(index: int, fn, *args) -> None:
+def _run_xla_replica(index: int, _installed, fn, *args) -> None:
+    """`_installed`: what `preemption.InstallInWorker` became on its way here (None), or None."""
     import torch_xla.runtime as xr
 
     from kan_vit.training import cpu_replicas

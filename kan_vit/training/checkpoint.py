@@ -12,6 +12,7 @@ states a checkpoint holds make resume exact.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -25,9 +26,11 @@ LAST, BEST = "last.pth", "best.pth"  # in run.output_dir
 
 
 def to_cpu(tree):
-    """A copy of nested dicts/lists/tuples with every tensor moved to the host."""
+    """A copy of nested dicts/lists/tuples with every tensor copied to the host (a copy also of a
+    tensor already there: a background writer must not see the next update change it)."""
     if torch.is_tensor(tree):
-        return tree.detach().cpu()
+        tensor = tree.detach()
+        return tensor.clone() if tensor.device.type == "cpu" else tensor.cpu()
     if isinstance(tree, dict):
         return {key: to_cpu(value) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
@@ -50,6 +53,41 @@ def export_flax(flax_params: dict, cfg: Config, target: str) -> None:
     """A checkpoint's weights in the original's format: {run.name}-best/last.msgpack (run.export_flax)."""
     kind = os.path.splitext(target)[0]
     flax_msgpack.save(flax_params, os.path.join(cfg.run.output_dir, f"{cfg.run.name or 'kan_vit'}-{kind}.msgpack"))
+
+
+class BackgroundWriter:
+    """Writes checkpoints in a thread, one at a time, so training waits only for the copy to the
+    host. A failed write is raised by the next `write` or `wait`."""
+
+    def __init__(self):
+        self._thread, self._error = None, None
+
+    def write(self, ckpt: dict, targets: list[str], cfg: Config, flax_params: dict | None, then=None) -> None:
+        """Each of `targets` (LAST, BEST) in run.output_dir, after the previous write finished;
+        then `then()` when given."""
+        self.wait()
+        args = (ckpt, targets, cfg, flax_params, then)
+        self._thread = threading.Thread(target=self._write, args=args, daemon=True)
+        self._thread.start()
+
+    def _write(self, ckpt, targets, cfg, flax_params, then) -> None:
+        try:
+            for target in targets:
+                save(ckpt, os.path.join(cfg.run.output_dir, target))
+                if flax_params is not None:
+                    export_flax(flax_params, cfg, target)
+            if then is not None:
+                then()
+        except BaseException as error:  # noqa: BLE001 - handed to the training thread
+            self._error = error
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 # --- The trainer's checkpoints ------------------------------------------------------------------

@@ -134,6 +134,10 @@ class RunConfig:
     compile_cache_dir: str | None = None  # new: persistent XLA compile cache (one subdir per process)
     # new: log KAN input saturation, coefficient norm by degree and the gradient norm (kan_vit.training.kan_health)
     kan_health: bool = False
+    # new: also write last.pth every N updates (0: off) and every M minutes (0: off), besides at
+    # evaluations and at SIGTERM; the default bounds the work a crash loses to about ten minutes
+    checkpoint_interval: int = 0
+    checkpoint_minutes: float = 10.0
 
 
 @dataclass
@@ -302,6 +306,8 @@ def validate(cfg: Config, world_size: int, backend: str = XLA) -> None:
         "optim.clip_grad": optim_cfg.clip_grad,
         "schedule.warmup_steps": schedule_cfg.warmup_steps,
         "schedule.eval_interval": schedule_cfg.eval_interval,
+        "run.checkpoint_interval": run_cfg.checkpoint_interval,
+        "run.checkpoint_minutes": run_cfg.checkpoint_minutes,
     }
     for key, value in non_negative.items():
         _check(value >= 0, f"{key} must be >= 0, got {value}")

@@ -2,13 +2,16 @@
 
 Formats: webdataset tar shards (keys `jpg`/`cls`; local paths, brace patterns, URLs through
 webdataset's `gopen`, e.g. `pipe:gsutil cat ...` or http), torchvision ImageFolder directories, and
-the embedded demo (`demo_digits`, written as shards and then read like ImageNet).
+the embedded demos (`demo_digits`, `demo_mnist`: written as shards, then read like ImageNet).
 
 Determinism: shard and sample order come from `data.shuffle_seed`; each augmentation is seeded by
 (shuffle_seed, rank, worker, stream position) and each batch's mixup/cutmix by (mixup_seed + rank,
 batch index), so `start_batch` reproduces an uninterrupted run's batches bit for bit (same
-world_size and worker count). Resuming replays the decode of the skipped stream (needed to find
-where corrupt samples fell) but not its augmentation.
+world_size and worker count). Loader workers save their stream state every SNAPSHOT_EVERY
+batches (`StreamSnapshots`); a loader started at `start_batch` continues from the newest state
+before it and decodes (without augmenting) only the batches after that state, so a resume costs
+the same at any point of a run; without a state it replays the decode of the whole skipped
+stream (needed to find where corrupt samples fell).
 
 Bad data is never fatal: an undecodable image, a sample without `jpg`/`cls`, or a truncated tar
 member is dropped and counted in each batch's `num_skipped`.
@@ -18,14 +21,17 @@ member is dropped and counted in each batch's `num_skipped`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import io
 import itertools
+import json
 import math
 import os
 import random
 import tarfile
 import warnings
-from functools import partial
 from typing import get_args
 
 import numpy as np
@@ -40,8 +46,10 @@ from webdataset.tariterators import base_plus_ext
 
 from kan_vit.training.config import DataFormat
 from kan_vit.training.demo_digits import DEMOS, prepare_demo
+from kan_vit.training.preemption import end_loader_workers_at_exit, ignore_in_loader_worker
 from kan_vit.training.seeding import derive_seed, seeded_host_rngs
 from kan_vit.training.transforms import train_transform, valid_transform
+from kan_vit.utils.atomic_files import atomic_outputs
 
 SKIP = None  # an item that stands for one dropped sample
 _SHUFFLE_BUFFER, _SHUFFLE_INITIAL = 1000, 100  # webdataset's defaults, as the original used
@@ -135,20 +143,6 @@ def _tar_records(url: str):
         yield record
 
 
-def _stream_records(shards, num_urls: int):
-    """Records of a shard sequence; raises when num_urls shards in a row hold no readable sample
-    (a dataset with nothing usable, or unreachable, would otherwise hang the loader)."""
-    barren = 0
-    for url in shards:
-        count = 0
-        for record in _tar_records(url):
-            count += record is not SKIP
-            yield record
-        barren = 0 if count else barren + 1
-        if barren >= num_urls:
-            raise RuntimeError(f"{barren} shards in a row held no readable sample (last {url}): check the data")
-
-
 def _decode(record):
     """(RGB PIL image, int label), or SKIP when the sample is incomplete or undecodable."""
     if record is SKIP:
@@ -172,10 +166,15 @@ def _repeat_group(world_size: int, repeats: int) -> int:
     return next((k for k in range(repeats, world_size + 1) if world_size % k == 0), world_size)
 
 
-def _shard_cycle(urls: list[str], seed: int):
-    """The shard list, reshuffled by seed every pass, forever."""
-    for epoch in itertools.count():
-        yield from (urls[i] for i in np.random.default_rng([seed, epoch]).permutation(len(urls)))
+def _cycle_url(urls: list[str], seed: int, index: int) -> str:
+    """The index-th shard of the shard list reshuffled by seed every pass, forever."""
+    epoch, offset = divmod(index, len(urls))
+    return urls[_pass_order(len(urls), seed, epoch)[offset]]
+
+
+@functools.lru_cache(maxsize=4)
+def _pass_order(num_urls: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(np.random.default_rng([seed, epoch]).permutation(num_urls).tolist())
 
 
 # Repeated augmentation across replicas, the stream form of RepeatAugSampler. The original
@@ -185,46 +184,140 @@ def _shard_cycle(urls: list[str], seed: int):
 # repeats sample i at positions i*R .. i*R+R-1 and deals position v to replica v % k. So the R
 # copies land on R different replicas (when world_size >= R) and each group reads 1/(world_size/k)
 # of the shards. A dropped sample is counted once, by the replica holding its copy at position i*R.
-def _shard_items(urls, cfg, world_size, rank, worker, num_workers):
-    repeats, seed = cfg.augment.augment_repeats, cfg.data.shuffle_seed
-    k = _repeat_group(world_size, repeats)
-    groups, (group, j) = world_size // k, divmod(rank, k)
-    shards = itertools.islice(_shard_cycle(urls, seed), group + worker * groups, None, groups * num_workers)
-    records = _stream_records(shards, len(urls))
-    rng = random.Random(derive_seed(seed, 0, group, worker))
-    for i, record in enumerate(wds.shuffle(_SHUFFLE_BUFFER, _SHUFFLE_INITIAL, rng=rng)(records)):
-        positions = [v for v in range(i * repeats, (i + 1) * repeats) if v % k == j]
-        if not positions:
-            continue
-        sample = _decode(record)
-        if sample is SKIP:
-            if (i * repeats) % k == j:
-                yield SKIP
-            continue
-        for v in positions:
-            yield sample + (v,)
+class _ShardStream:
+    """One loader worker's items, (RGB image, label, position) or SKIP, from webdataset shards:
+    the worker's shard subsequence, webdataset's shuffle buffer (the draws of `wds.shuffle(
+    _SHUFFLE_BUFFER, _SHUFFLE_INITIAL)`, so its order), then the copies of each sample.
+
+    `state()` (between items; JSON) names records by reference, [shard number in the worker's
+    subsequence, record number in the shard]: how far the current shard is read, the buffer's
+    records, the sample whose copies are being dealt, the shuffle RNG and the counters. Built
+    from a state, the stream reads only the shards those references name (the ones open at that
+    point) and continues exactly as the stream that saved it."""
+
+    def __init__(self, urls, cfg, world_size, rank, worker, num_workers, state=None):
+        self.urls, self.seed, self.repeats = urls, cfg.data.shuffle_seed, cfg.augment.augment_repeats
+        self.k = _repeat_group(world_size, self.repeats)
+        groups, (group, self.j) = world_size // self.k, divmod(rank, self.k)
+        self.first, self.stride = group + worker * groups, groups * num_workers  # into the shard cycle
+        self.rng = random.Random(derive_seed(self.seed, 0, group, worker))
+        # next record to read (shard, member); readable records of that shard so far; barren shards in a row
+        self.shard, self.member, self.count, self.barren = 0, 0, 0, 0
+        self.buffer = []  # [[shard, member], record] pairs, in webdataset's buffer order
+        self.i = 0  # the next sample to leave the buffer
+        self.sample, self.sample_ref, self.copies = None, None, []  # the sample being dealt, its positions left
+        self._records = None  # the open shard's records from `member` on
+        if state is not None:
+            self._restore(state)
+
+    def _url(self, shard: int) -> str:
+        return _cycle_url(self.urls, self.seed, self.first + shard * self.stride)
+
+    def state(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "read": [self.shard, self.member, self.count, self.barren],
+            "buffer": [ref for ref, _ in self.buffer],
+            "i": self.i,
+            "sample": [self.sample_ref, self.copies] if self.copies else None,
+            "rng": [version, list(internal), gauss],
+        }
+
+    def _restore(self, state: dict) -> None:
+        self.shard, self.member, self.count, self.barren = state["read"]
+        self.i = state["i"]
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        refs = [tuple(ref) for ref in state["buffer"]] + ([tuple(state["sample"][0])] if state["sample"] else [])
+        records = {}
+        for shard in sorted({shard for shard, _ in refs}):  # one read of each named shard, up to its last reference
+            last = max(member for s, member in refs if s == shard)
+            for member, record in itertools.islice(enumerate(_tar_records(self._url(shard))), last + 1):
+                records[shard, member] = record
+        self.buffer = [[list(ref), records[ref]] for ref in refs[: len(state["buffer"])]]
+        if state["sample"]:
+            self.sample_ref, self.copies = state["sample"]
+            self.sample = _decode(records[tuple(self.sample_ref)])
+
+    def _read(self):
+        """The next record and its reference; raises when a whole pass of shards in a row held no
+        readable sample (a dataset with nothing usable, or unreachable, would otherwise hang)."""
+        while True:
+            if self._records is None:
+                self._records = itertools.islice(enumerate(_tar_records(self._url(self.shard))), self.member, None)
+            for member, record in self._records:
+                self.member, self.count = member + 1, self.count + (record is not SKIP)
+                return [self.shard, member], record
+            self.barren = 0 if self.count else self.barren + 1
+            if self.barren >= len(self.urls):
+                raise RuntimeError(
+                    f"{self.barren} shards in a row held no readable sample (last {self._url(self.shard)}): "
+                    "check the data"
+                )
+            self.shard, self.member, self.count, self._records = self.shard + 1, 0, 0, None
+
+    def _next_shuffled(self):
+        """One step of webdataset's shuffle (`webdataset.filters._shuffle`) on an endless stream."""
+        while True:
+            self.buffer.append(self._read())
+            if len(self.buffer) < _SHUFFLE_BUFFER:
+                self.buffer.append(self._read())
+            if len(self.buffer) >= min(_SHUFFLE_INITIAL, _SHUFFLE_BUFFER):
+                k = self.rng.randint(0, len(self.buffer) - 1)
+                picked, self.buffer[k] = self.buffer[k], self.buffer[-1]
+                self.buffer.pop()
+                return picked
+
+    def __iter__(self):
+        while True:
+            while self.copies:
+                position = self.copies.pop(0)
+                yield self.sample + (position,)
+            ref, record = self._next_shuffled()
+            i, self.i = self.i, self.i + 1
+            positions = [v for v in range(i * self.repeats, (i + 1) * self.repeats) if v % self.k == self.j]
+            if not positions:
+                continue
+            sample = _decode(record)
+            if sample is SKIP:
+                if (i * self.repeats) % self.k == self.j:
+                    yield SKIP
+                continue
+            self.sample, self.sample_ref, self.copies = sample, ref, positions
 
 
-def _folder_items(dataset, cfg, world_size, rank, worker, num_workers):
-    repeats, seed = cfg.augment.augment_repeats, cfg.data.shuffle_seed
-    sampler = RepeatAugSampler(dataset, num_replicas=world_size, rank=rank, num_repeats=repeats, shuffle=True)
+class _FolderStream:
+    """One loader worker's items from an ImageFolder through timm's RepeatAugSampler, pass after
+    pass; its state is the position of its next item, and a stream built from it starts there
+    without loading the images before it."""
 
-    def indices():
-        for epoch in itertools.count():
-            sampler.set_epoch(
-                derive_seed(seed, epoch)
-            )  # the sampler seeds its permutation by epoch alone: fold in the seed
-            for p, index in enumerate(sampler):  # owner: this replica holds copy 0 of the image
-                yield index, (rank + p * world_size) % repeats == 0
+    def __init__(self, dataset, cfg, world_size, rank, worker, num_workers, state=None):
+        self.dataset, self.seed, self.rank, self.world_size = dataset, cfg.data.shuffle_seed, rank, world_size
+        self.repeats = cfg.augment.augment_repeats
+        self.sampler = RepeatAugSampler(
+            dataset, num_replicas=world_size, rank=rank, num_repeats=self.repeats, shuffle=True
+        )
+        self.next, self.stride = (state["next"] if state is not None else worker), num_workers
 
-    for position, (index, owner) in itertools.islice(enumerate(indices()), worker, None, num_workers):
-        path, label = dataset.samples[index]
-        image = _load_file(path)
-        if image is SKIP:
-            if owner:
-                yield SKIP
-            continue
-        yield image, label, position
+    def state(self) -> dict:
+        return {"next": self.next}
+
+    def __iter__(self):
+        per_pass = len(self.sampler)
+        while True:
+            epoch, start = divmod(self.next, per_pass)
+            self.sampler.set_epoch(derive_seed(self.seed, epoch))  # the sampler seeds by epoch alone: fold in the seed
+            order = list(self.sampler)
+            for p in range(start, per_pass, self.stride):
+                position, self.next = self.next, self.next + self.stride
+                owner = (self.rank + p * self.world_size) % self.repeats == 0  # this replica holds copy 0
+                path, label = self.dataset.samples[order[p]]
+                image = _load_file(path)
+                if image is SKIP:
+                    if owner:
+                        yield SKIP
+                    continue
+                yield image, label, position
 
 
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator, cfg):
@@ -279,18 +372,71 @@ def _worker():
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-class _TrainBatches(IterableDataset):
-    """Infinite fixed-size micro-batches; logical worker w makes batches w, w + W, w + 2W, ..."""
+SNAPSHOT_EVERY = 16  # a loader worker saves its stream state before every 16th of its batches
 
-    def __init__(self, items, cfg, rank: int, start_batch: int, batch_size: int):
+
+class StreamSnapshots:
+    """Loader workers' stream states, `{key}-w{worker}-{batch}.json` in one directory (the run's
+    output_dir/stream): the state from which a worker's stream yields batch `batch` next. `key`
+    names everything the states depend on (data, seed, repeats, replicas, rank, workers, batch)."""
+
+    def __init__(self, directory: str, key: str):
+        self.directory, self.key = directory, key
+
+    def save(self, worker: int, batch: int, state: dict) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        with atomic_outputs(os.path.join(self.directory, f"{self.key}-w{worker}-{batch}.json")) as (tmp,):
+            with open(tmp, "w", encoding="utf-8") as file:
+                json.dump(state, file)
+
+    def newest(self, worker: int, at_most: int) -> tuple[int, dict] | None:
+        """(batch, state) of this worker's newest state for a batch <= at_most, or None."""
+        batches = [b for b in _snapshot_batches(self.directory, f"{self.key}-w{worker}") if b <= at_most]
+        if not batches:
+            return None
+        with open(os.path.join(self.directory, f"{self.key}-w{worker}-{max(batches)}.json"), encoding="utf-8") as file:
+            return max(batches), json.load(file)
+
+
+def _snapshot_batches(directory: str, prefix: str) -> list[int]:
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return [int(n[len(prefix) + 1 : -5]) for n in names if n.startswith(prefix + "-") and n.endswith(".json")]
+
+
+def prune_stream_snapshots(directory: str, batch: int) -> None:
+    """After a checkpoint at stream batch `batch` is written: remove each worker's states older than
+    its newest one <= batch (the one a resume from that checkpoint starts from)."""
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    for prefix in {n.rsplit("-", 1)[0] for n in names if n.endswith(".json")}:
+        batches = _snapshot_batches(directory, prefix)
+        keep = max((b for b in batches if b <= batch), default=None)
+        for b in batches:
+            if keep is not None and b < keep:
+                with contextlib.suppress(FileNotFoundError):  # another writer's prune got there first
+                    os.remove(os.path.join(directory, f"{prefix}-{b}.json"))
+
+
+class _TrainBatches(IterableDataset):
+    """Infinite fixed-size micro-batches; logical worker w makes batches w, w + W, w + 2W, ...
+
+    With `snapshots`, each worker saves its stream state every SNAPSHOT_EVERY of its batches, and
+    a stream started at `start_batch` begins at the newest state saved before it: it decodes (and
+    counts through, without augmenting) at most SNAPSHOT_EVERY - 1 of its batches, not the whole
+    stream since batch 0 (which it replays when no state is there)."""
+
+    def __init__(self, items, cfg, rank: int, start_batch: int, batch_size: int, snapshots=None):
         self.items, self.cfg, self.rank, self.start_batch, self.batch_size = items, cfg, rank, start_batch, batch_size
+        self.snapshots = snapshots
 
     def __iter__(self):
         physical, num_workers = _worker()
         worker = (physical + self.start_batch) % num_workers  # the DataLoader asks worker 0 first
         transform, seed = train_transform(self.cfg), self.cfg.data.shuffle_seed
-        batch, skipped, batch_index = [], 0, worker  # this worker's batches: every num_workers-th
-        for item in self.items(worker, num_workers):
+        found = self.snapshots.newest(worker, self.start_batch) if self.snapshots is not None else None
+        batch_index, state = found if found is not None else (worker, None)  # this worker's: every num_workers-th
+        items = self.items(worker, num_workers, state)
+        batch, skipped = [], 0
+        for item in items:
             if item is SKIP:
                 skipped += 1
                 if skipped > 100 * self.batch_size + 1000:
@@ -310,12 +456,30 @@ class _TrainBatches(IterableDataset):
                 )
                 yield images, targets, _count(skipped)
             batch, skipped, batch_index = [], 0, batch_index + num_workers
+            if self.snapshots is not None and (batch_index // num_workers) % SNAPSHOT_EVERY == 0:
+                self.snapshots.save(worker, batch_index, items.state())
 
 
-def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0, local_replicas: int = 1):
+def _snapshot_key(cfg, source, world_size: int, rank: int, workers: int, batch_size: int) -> str:
+    a = cfg.augment
+    what = [cfg.data.format, source, cfg.data.shuffle_seed, a.augment_repeats, world_size, rank, workers, batch_size]
+    return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]
+
+
+def create_train_loader(
+    cfg,
+    *,
+    world_size: int,
+    rank: int,
+    start_batch: int = 0,
+    local_replicas: int = 1,
+    snapshot_dir: str | None = None,
+):
     """Infinite iterable of (uint8 images (b, 3, S, S), float32 targets (b, labels), int64 num_skipped (1,))
     with b = train_batch_size // world_size // grad_accum, yielding batches start_batch, start_batch + 1, ...
-    `local_replicas`: the processes on this host, which share data.train_loader_workers."""
+    `local_replicas`: the processes on this host, which share data.train_loader_workers.
+    `snapshot_dir`: where the loader workers keep their stream states (`StreamSnapshots`), so a
+    later loader reaches its start_batch in a time independent of it."""
     batch_size = cfg.data.train_batch_size // world_size // cfg.optim.grad_accum
     if batch_size < 1 or cfg.augment.augment_repeats < 1 or not cfg.model.labels:
         raise ValueError(
@@ -324,18 +488,24 @@ def create_train_loader(cfg, *, world_size: int, rank: int, start_batch: int = 0
             f"augment.augment_repeats >= 1 and model.labels set"
         )
     if cfg.data.format == "imagefolder":
-        dataset = ImageFolder(cfg.data.train_dataset_shards)
-        items = partial(_folder_items, dataset, cfg, world_size, rank)  # picklable: spawn-started workers
+        source = cfg.data.train_dataset_shards
+        items = functools.partial(_FolderStream, ImageFolder(source), cfg, world_size, rank)  # picklable: spawn
     else:
-        urls = expand_urls(_source(cfg, "train"))
-        items = partial(_shard_items, urls, cfg, world_size, rank)  # picklable: spawn-started workers
+        source = expand_urls(_source(cfg, "train"))
+        items = functools.partial(_ShardStream, source, cfg, world_size, rank)  # picklable: spawn-started workers
     workers = loader_workers(cfg.data.train_loader_workers, local_replicas)
+    if workers:
+        end_loader_workers_at_exit()
+    snapshots = None
+    if snapshot_dir is not None:
+        snapshots = StreamSnapshots(snapshot_dir, _snapshot_key(cfg, source, world_size, rank, workers, batch_size))
     return DataLoader(
-        _TrainBatches(items, cfg, rank, start_batch, batch_size),
+        _TrainBatches(items, cfg, rank, start_batch, batch_size, snapshots),
         batch_size=None,
         num_workers=workers,
         persistent_workers=workers > 0,
         generator=_own_generator(),
+        worker_init_fn=ignore_in_loader_worker,
     )
 
 
@@ -398,6 +568,8 @@ def create_valid_loader(cfg, *, world_size: int, rank: int, local_replicas: int 
     if batch_size < 1:
         raise ValueError(f"data.valid_batch_size={cfg.data.valid_batch_size} is below world_size={world_size}")
     workers = loader_workers(cfg.data.valid_loader_workers, local_replicas)
+    if workers:
+        end_loader_workers_at_exit()
     num_parts = max(1, workers)
     if cfg.data.format == "imagefolder":
         units, samples = ImageFolder(cfg.data.valid_dataset_shards).samples, _folder_samples
@@ -414,7 +586,12 @@ def create_valid_loader(cfg, *, world_size: int, rank: int, local_replicas: int 
     mine[0] += max(map(sum, planned)) - sum(mine)
     dataset = _ValidBatches([[units[u] for u in part] for part in parts[rank]], mine, samples, cfg, batch_size)
     loader = DataLoader(
-        dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0, generator=_own_generator()
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=_own_generator(),
+        worker_init_fn=ignore_in_loader_worker,
     )
     return loader, sum(sizes[u] for part in parts[rank] for u in part)
 

@@ -3,7 +3,9 @@ one process per GPU (or CPU process) via accelerate. The loop is written once; w
 between the two runtimes is a `kan_vit.training.backend` method (`backend.current()`).
 
 Reads like PyTorch/XLA's ImageNet reference script: `train` builds everything, then runs a linear
-loop of `train_step` and, every eval_interval updates and at the end, `evaluate` + checkpoints.
+loop of `train_step` and, every eval_interval updates and at the end, `evaluate` + checkpoints;
+also a checkpoint every run.checkpoint_interval updates / run.checkpoint_minutes, and a stop
+with a checkpoint at SIGTERM / SIGINT (`kan_vit.training.preemption`).
 
 XLA rules, all kept in `train_step` / `evaluate` / `normalize` (harmless under accelerate, where
 `backend.sync` is a no-op and step closures run at once):
@@ -19,17 +21,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 
 import torch
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from kan_vit.flax.layout import timm_to_flax
-from kan_vit.training import checkpoint, kan_health
+from kan_vit.training import checkpoint, kan_health, preemption
 from kan_vit.training.backend import XlaBackend, current
 from kan_vit.training.config import Config, from_dict, to_dict
 from kan_vit.training.config import save as save_config
-from kan_vit.training.data import create_train_loader, create_valid_loader
+from kan_vit.training.data import create_train_loader, create_valid_loader, prune_stream_snapshots
 from kan_vit.training.metrics_log import RunLogger
 from kan_vit.training.model_factory import build_model
 from kan_vit.training.optim import create_optimizer, lr_at, set_lr
@@ -38,6 +41,7 @@ from kan_vit.training.state import TrainState
 _logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
+STREAM_DIR = "stream"  # the loader workers' stream states (kan_vit.training.data.StreamSnapshots)
 
 
 class DivergenceError(RuntimeError):
@@ -254,13 +258,21 @@ def train(cfg: Config) -> dict:
     start_batch = ckpt["train_batch"] if ckpt is not None else 0  # the stream continues where it stopped
     local = backend.local_process_count  # the loader workers in the config are per host
     train_loader = backend.device_loader(
-        create_train_loader(cfg, world_size=world_size, rank=rank, start_batch=start_batch, local_replicas=local)
+        create_train_loader(
+            cfg,
+            world_size=world_size,
+            rank=rank,
+            start_batch=start_batch,
+            local_replicas=local,
+            snapshot_dir=os.path.join(cfg.run.output_dir, STREAM_DIR),
+        )
     )
     valid_data, _ = create_valid_loader(cfg, world_size=world_size, rank=rank, local_replicas=local)
     valid_loader = backend.device_loader(valid_data)
     batches = iter(train_loader)
     s = cfg.schedule
-    metrics, compiles_at_last_eval = {}, None
+    metrics, compiles_at_last_eval = ckpt["metrics"] if ckpt is not None else {}, None
+    writer, last_write = checkpoint.BackgroundWriter(), time.monotonic()
     while state.host_step < s.training_steps:
         try:
             micro_batches = [next(batches) for _ in range(cfg.optim.grad_accum)]
@@ -269,36 +281,77 @@ def train(cfg: Config) -> dict:
         train_step(state, micro_batches, cfg, logger)
         if state.diverged_at >= 0:
             raise DivergenceError(_diverged_message(state.diverged_at, cfg))
-        at_end = state.host_step == s.training_steps
-        if not (at_end or (s.eval_interval and state.host_step % s.eval_interval == 0)):
+        step = state.host_step
+        at_end = step == s.training_steps
+        evaluating = at_end or (s.eval_interval and step % s.eval_interval == 0)
+        stop_signal, clock_due = _agree_on_stop(cfg, last_write) if step % AGREE_EVERY == 0 else (0, False)
+        by_interval = cfg.run.checkpoint_interval and step % cfg.run.checkpoint_interval == 0
+        if not (evaluating or stop_signal or clock_due or by_interval):
             continue
         first_bad = int(state.first_bad_step.cpu())  # a boundary sync: never checkpoint a diverged model
         if first_bad >= 0:
             raise DivergenceError(_diverged_message(first_bad, cfg))
-        metrics = evaluate(state.model, valid_loader, cfg)
-        compiles = backend.compile_count()  # logged at every evaluation: a recompiling step shows at once
-        logger.eval(state.host_step, metrics if compiles is None else {**metrics, "perf/compiles": compiles})
-        if compiles_at_last_eval is not None and compiles > compiles_at_last_eval:
-            logger.info(
-                f"warning: {compiles - compiles_at_last_eval} graph compilations since the last evaluation: "
-                "a step's graph changed (PT_XLA_DEBUG_LEVEL=2 prints why on XLA)"
-            )
-        compiles_at_last_eval = compiles
-        # Evaluate before writing `last` (the original writes it first): every checkpoint then
-        # includes its evaluation, so a resumed run repeats exactly what an uninterrupted one does.
-        improved = metrics["val/acc1"] > state.best_acc1
-        state.best_acc1 = max(state.best_acc1, metrics["val/acc1"])
-        all_rng = backend.gather_rng_states()  # a collective: every replica takes part
-        if master:  # only the writer copies the model and optimizer state to the host
-            ckpt = checkpoint.from_state(state, cfg, metrics, all_rng)
-            flax_params = timm_to_flax(ckpt["model"], cfg.model.heads) if cfg.run.export_flax else None
-            for target in [checkpoint.BEST, checkpoint.LAST] if improved else [checkpoint.LAST]:
-                checkpoint.save(ckpt, os.path.join(cfg.run.output_dir, target))
-                if flax_params is not None:
-                    checkpoint.export_flax(flax_params, cfg, target)
-        backend.set_rng_state(all_rng[rank])  # continue from exactly the state a resumed run restores
+        targets = [checkpoint.LAST]
+        if evaluating:
+            metrics = evaluate(state.model, valid_loader, cfg)
+            compiles = backend.compile_count()  # logged at every evaluation: a recompiling step shows at once
+            logger.eval(step, metrics if compiles is None else {**metrics, "perf/compiles": compiles})
+            if compiles_at_last_eval is not None and compiles > compiles_at_last_eval:
+                logger.info(
+                    f"warning: {compiles - compiles_at_last_eval} graph compilations since the last evaluation: "
+                    "a step's graph changed (PT_XLA_DEBUG_LEVEL=2 prints why on XLA)"
+                )
+            compiles_at_last_eval = compiles
+            # Evaluate before writing `last` (the original writes it first): every checkpoint then
+            # includes its evaluation, so a resumed run repeats exactly what an uninterrupted one does.
+            if metrics["val/acc1"] > state.best_acc1:
+                targets = [checkpoint.BEST, checkpoint.LAST]
+            state.best_acc1 = max(state.best_acc1, metrics["val/acc1"])
+        _write_checkpoint(state, cfg, metrics, targets, writer, logger)
+        last_write = time.monotonic()
+        if stop_signal and not at_end:
+            writer.wait()  # last.pth is complete before the process exits
+            logger.info(f"stopped by {preemption.signal_name(stop_signal)} at step {step}")
+            logger.close()
+            raise preemption.Preempted(stop_signal, step)
+    writer.wait()
     logger.close()
     return metrics
+
+
+# Every AGREE_EVERY updates the replicas gather their signal notes and checkpoint clocks: a read
+# of the device, so not every update (the steady update never waits for the device), and a fixed
+# count of updates, so every replica takes part in the same gather.
+AGREE_EVERY = 10
+
+
+def _agree_on_stop(cfg: Config, last_write: float) -> tuple[int, bool]:
+    """(the signal to stop at or 0, whether run.checkpoint_minutes passed), the same on every
+    replica: a signal to any one replica stops them all after this update."""
+    minutes = cfg.run.checkpoint_minutes
+    due = minutes > 0 and time.monotonic() - last_write >= 60 * minutes
+    notes = current().all_gather_ints([preemption.requested(), int(due)])  # a collective
+    return next((signum for signum, _ in notes if signum), 0), any(d for _, d in notes)
+
+
+def _write_checkpoint(state: TrainState, cfg: Config, metrics: dict, targets: list[str], writer, logger) -> None:
+    """Every replica calls it (the RNG gather is a collective); the master copies the state to the
+    host, the only time training waits, and hands the file writes to the background `writer`."""
+    backend = current()
+    all_rng = backend.gather_rng_states()
+    if backend.rank == 0:
+        started = time.perf_counter()
+        ckpt = checkpoint.from_state(state, cfg, metrics, all_rng)
+        flax_params = timm_to_flax(ckpt["model"], cfg.model.heads) if cfg.run.export_flax else None
+        # then the stream states older than the one a resume from this checkpoint starts at go
+        stream_dir = os.path.join(cfg.run.output_dir, STREAM_DIR)
+        prune = functools.partial(prune_stream_snapshots, stream_dir, ckpt["train_batch"])
+        writer.write(ckpt, targets, cfg, flax_params, then=prune)
+        logger.info(
+            f"checkpoint at step {state.host_step}: {time.perf_counter() - started:.2f} s copying to the host, "
+            f"writing {' and '.join(targets)} in the background"
+        )
+    backend.set_rng_state(all_rng[backend.rank])  # continue from exactly the state a resumed run restores
 
 
 def _diverged_message(step: int, cfg: Config) -> str:
@@ -318,4 +371,4 @@ def _mp_fn(index: int, cfg_dict: dict) -> None:
 
 def launch(cfg: Config) -> None:
     """Train on every XLA device of this host; the config travels as a plain dict."""
-    current().spawn(_mp_fn, (to_dict(cfg),))
+    current().spawn(_mp_fn, (to_dict(cfg),), stop_on_signal=True)
