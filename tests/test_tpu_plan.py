@@ -150,7 +150,8 @@ def _gemm_update_flops(batch, layers, dim, tokens, patch, labels, ffn):
 @pytest.mark.parametrize("use_kan", [False, True])
 def test_command_reports_the_tiny_update_on_v4(use_kan):
     """The command's numbers for a one-block model: FLOPs 0-3% above the closed-form GEMM count of
-    the update (the rest: GELU, softmax, layer norms, AdamW, keys padded to 24), the donated bytes = parameters and both AdamW moments, a peak that adds up."""
+    the update (the rest: GELU, softmax, layer norms, AdamW, keys padded to 24), the donated bytes
+    = parameters and both AdamW moments, a peak that adds up."""
     batch, dim = 32, 768
     result = run_command(
         "--config", CONFIG, "--tpu", "v4", "--batch", str(batch), "--eval-batch", "8", "--json",
