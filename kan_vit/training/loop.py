@@ -182,6 +182,30 @@ def _log_train(state, logger, step, interval, loss_sum, acc_sums, lr, skipped, f
         logger.train(step, metrics)
 
 
+EVAL_SUMS = 5  # eval_batch_sums: loss, correct1, correct5, count, skipped
+
+
+def eval_batch_sums(model: torch.nn.Module, images, labels, num_skipped, cfg: Config) -> torch.Tensor:
+    """One evaluation batch's [loss sum, top-1 hits, top-5 hits, valid count, skipped] (padding has
+    label -1 and counts nowhere)."""
+    with current().autocast(cfg.run.bf16):
+        logits = model(normalize(images))
+    valid = labels >= 0
+    target = labels.clamp(min=0)
+    one_hot = F.one_hot(target, cfg.model.labels).float()
+    loss = _per_sample_loss(logits, one_hot, cfg.augment.criterion)
+    top = logits.topk(min(5, cfg.model.labels), dim=-1).indices == target[:, None]
+    return torch.stack(
+        [
+            torch.where(valid, loss, 0.0).sum(),
+            (top[:, 0] & valid).sum().float(),
+            (top.any(-1) & valid).sum().float(),
+            valid.sum().float(),
+            num_skipped.sum().float(),
+        ]
+    )
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
     """acc1 / acc5 / loss over the validation set, each image counted once across replicas
@@ -190,22 +214,7 @@ def evaluate(model: torch.nn.Module, loader, cfg: Config) -> dict:
     model.eval()
     sums = None
     for images, labels, num_skipped in loader:
-        with backend.autocast(cfg.run.bf16):
-            logits = model(normalize(images))
-        valid = labels >= 0
-        target = labels.clamp(min=0)
-        one_hot = F.one_hot(target, cfg.model.labels).float()
-        loss = _per_sample_loss(logits, one_hot, cfg.augment.criterion)
-        top = logits.topk(min(5, cfg.model.labels), dim=-1).indices == target[:, None]
-        batch = torch.stack(
-            [
-                torch.where(valid, loss, 0.0).sum(),
-                (top[:, 0] & valid).sum().float(),
-                (top.any(-1) & valid).sum().float(),
-                valid.sum().float(),
-                num_skipped.sum().float(),
-            ]
-        )
+        batch = eval_batch_sums(model, images, labels, num_skipped, cfg)
         sums = batch if sums is None else sums + batch
         backend.sync()
     sums = backend.all_reduce_sum(sums)
