@@ -70,7 +70,10 @@ REAL_STEP = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.use_kan=true", "optim.grad_accum=2", "run.bf16=true"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [[], pytest.param(["model.use_kan=true", "optim.grad_accum=2", "run.bf16=true"], marks=pytest.mark.slow)],
+)
 def test_planned_update_is_the_update_a_run_compiles(tmp_path, overrides):
     """The graph handed to the TPU compiler (the child stopped at its dump) is the graph torch_xla's
     sync builds and runs for the trainer's update when the step completes: the same parameters,
@@ -147,6 +150,7 @@ def _gemm_update_flops(batch, layers, dim, tokens, patch, labels, ffn):
     return batch * (3 * forward - patch_embed)
 
 
+@pytest.mark.slow  # two TPU compilations of a traced update: about a minute each on 2 cores
 @pytest.mark.parametrize("use_kan", [False, True])
 def test_command_reports_the_tiny_update_on_v4(use_kan):
     """The command's numbers for a one-block model: FLOPs 0-3% above the closed-form GEMM count of
