@@ -459,8 +459,8 @@ def test_resumed_loader_reads_only_the_shards_its_state_names_and_continues_exac
     """2 replicas sharing a stream (2 copies), 2 loader workers, undecodable samples: a loader
     resumed at batch 96 from the states an earlier loader saved opens, before its first batch,
     only the shards those states name (the buffer's, read up to their last referenced record, and
-    the current one, read on from its position) and at most one more per worker (its prefetched
-    batches), where replaying from batch 0 opens every shard read since; and it
+    the current one, read on from its position) and at most one more per prefetched batch
+    (two per worker), where replaying from batch 0 opens every shard read since; and it
     yields the batches (and skip counts) of the uninterrupted loader."""
     monkeypatch.setattr(data, "_SHUFFLE_BUFFER", 20)  # a buffer spanning one or two shards, as on ImageNet
     monkeypatch.setattr(data, "_SHUFFLE_INITIAL", 5)
@@ -482,7 +482,8 @@ def test_resumed_loader_reads_only_the_shards_its_state_names_and_continues_exac
     log.unlink()
     resumed = iter(data.create_train_loader(cfg, world_size=2, rank=0, start_batch=96, snapshot_dir=str(states)))
     first = next(resumed)
-    assert _opened(log) <= named + 2 < replay_opens
+    # each of the 2 workers prefetches 2 batches (DataLoader's prefetch_factor), each of which may open one more shard
+    assert _opened(log) <= named + 2 * 2 < replay_opens
     resumed = [first] + [b for _, b in zip(range(3), resumed)]
     for want, got, slow in zip(full[96:], resumed, replayed):
         assert all(torch.equal(w, g) and torch.equal(w, s) for w, g, s in zip(want, got, slow))
