@@ -99,16 +99,9 @@ def original(cfg, batch: int, tgt, source: str) -> tpu_plan.Measure:
         jax.shard_map(training.training_step.__wrapped__, mesh=mesh, in_specs=(P(), P()), out_specs=(P(), P())),
         donate_argnums=0,
     )
-    try:
-        compiled = step.lower(jax.tree_util.tree_map(spec, state), (images, labels)).compile()
-    except Exception as error:
-        if "RESOURCE_EXHAUSTED" in str(error):
-            raise tpu_plan.OutOfMemory(str(error).splitlines()[0]) from None
-        raise
-    result = tpu_plan.measure(compiled)
-    if result.peak_bytes > tgt.hbm_bytes:
-        raise tpu_plan.OutOfMemory(f"peak {result.peak_bytes / 2**30:.2f} GiB > {tgt.hbm_bytes / 2**30:.2f} GiB")
-    return result
+    return tpu_plan.measure_within_hbm(
+        lambda: step.lower(jax.tree_util.tree_map(spec, state), (images, labels)).compile(), tgt
+    )
 
 
 HEADER = (

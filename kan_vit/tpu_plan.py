@@ -172,16 +172,25 @@ def compile_hlo(hlo_module: bytes, donated: list[int], tgt: Target) -> Measure:
                 entries["jax.buffer_donor"] = ir.BoolAttr.get(True)
             marked.append(ir.DictAttr.get(entries))
         main.attributes["arg_attrs"] = ir.ArrayAttr.get(marked)
-        try:
-            executable = tgt.device.client.compile(
+        return measure_within_hbm(
+            lambda: tgt.device.client.compile(
                 module,
                 executable_devices=xla_client.DeviceList((tgt.device,)),
                 compile_options=xla_client.CompileOptions(),
-            )
-        except Exception as error:
-            if "RESOURCE_EXHAUSTED" in str(error):
-                raise OutOfMemory(str(error).splitlines()[0]) from None
-            raise
+            ),
+            tgt,
+        )
+
+
+def measure_within_hbm(compile_executable, tgt: Target) -> Measure:
+    """`measure` of what `compile_executable()` compiles for one device of `tgt`; OutOfMemory when
+    the compiler finds it too big (RESOURCE_EXHAUSTED) or its peak exceeds the device's HBM."""
+    try:
+        executable = compile_executable()
+    except Exception as error:
+        if "RESOURCE_EXHAUSTED" in str(error):
+            raise OutOfMemory(str(error).splitlines()[0]) from None
+        raise
     result = measure(executable)
     if result.peak_bytes > tgt.hbm_bytes:
         raise OutOfMemory(f"peak {result.peak_bytes / 2**30:.2f} GiB > {tgt.hbm_bytes / 2**30:.2f} GiB of HBM")
