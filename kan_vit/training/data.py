@@ -360,11 +360,24 @@ def _count(value: int) -> torch.Tensor:
     return torch.tensor([value], dtype=torch.int64)
 
 
-def _own_generator() -> torch.Generator:
-    """For the DataLoader's per-iterator seed draw (unused: workers seed from the data position),
-    which would otherwise advance the global torch RNG: on a CPU device that is the dropout RNG,
-    and a resumed run, which starts its iterator at another point, would drift from an uninterrupted one."""
-    return torch.Generator()
+def _batch_loader(dataset: IterableDataset, workers: int) -> DataLoader:
+    """A DataLoader of a dataset that yields whole batches, in `workers` processes kept across passes.
+
+    Its own generator takes the DataLoader's per-iterator seed draw (unused: workers seed from the
+    data position), which would otherwise advance the global torch RNG: on a CPU device that is the
+    dropout RNG, and a resumed run, which starts its iterator at another point, would drift from an
+    uninterrupted one. The workers ignore SIGTERM / SIGINT and end with their trainer
+    (`kan_vit.training.preemption`)."""
+    if workers:
+        end_loader_workers_at_exit()
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator(),
+        worker_init_fn=ignore_in_loader_worker,
+    )
 
 
 def _worker():
@@ -494,19 +507,10 @@ def create_train_loader(
         source = expand_urls(_source(cfg, "train"))
         items = functools.partial(_ShardStream, source, cfg, world_size, rank)  # picklable: spawn-started workers
     workers = loader_workers(cfg.data.train_loader_workers, local_replicas)
-    if workers:
-        end_loader_workers_at_exit()
     snapshots = None
     if snapshot_dir is not None:
         snapshots = StreamSnapshots(snapshot_dir, _snapshot_key(cfg, source, world_size, rank, workers, batch_size))
-    return DataLoader(
-        _TrainBatches(items, cfg, rank, start_batch, batch_size, snapshots),
-        batch_size=None,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        generator=_own_generator(),
-        worker_init_fn=ignore_in_loader_worker,
-    )
+    return _batch_loader(_TrainBatches(items, cfg, rank, start_batch, batch_size, snapshots), workers)
 
 
 def _shard_samples(urls):
@@ -568,8 +572,6 @@ def create_valid_loader(cfg, *, world_size: int, rank: int, local_replicas: int 
     if batch_size < 1:
         raise ValueError(f"data.valid_batch_size={cfg.data.valid_batch_size} is below world_size={world_size}")
     workers = loader_workers(cfg.data.valid_loader_workers, local_replicas)
-    if workers:
-        end_loader_workers_at_exit()
     num_parts = max(1, workers)
     if cfg.data.format == "imagefolder":
         units, samples = ImageFolder(cfg.data.valid_dataset_shards).samples, _folder_samples
@@ -585,15 +587,7 @@ def create_valid_loader(cfg, *, world_size: int, rank: int, local_replicas: int 
     mine = planned[rank]
     mine[0] += max(map(sum, planned)) - sum(mine)
     dataset = _ValidBatches([[units[u] for u in part] for part in parts[rank]], mine, samples, cfg, batch_size)
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        generator=_own_generator(),
-        worker_init_fn=ignore_in_loader_worker,
-    )
-    return loader, sum(sizes[u] for part in parts[rank] for u in part)
+    return _batch_loader(dataset, workers), sum(sizes[u] for part in parts[rank] for u in part)
 
 
 class LazyStart:
