@@ -49,7 +49,7 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def _note(signum: int, frame) -> bool:
+def _note(signum: int) -> bool:
     """Record the first signal; True when this one is a later, second request."""
     now = time.monotonic()
     if not _first["signum"]:
@@ -65,13 +65,13 @@ def _stop_at_once(signum: int) -> None:
 
 
 def _on_signal(signum: int, frame) -> None:
-    if _note(signum, frame):
+    if _note(signum):
         _stop_at_once(signum)
 
 
 def _forward(signum: int, frame) -> None:
     """The launcher's handler: its replica processes act on the signal."""
-    second = _note(signum, frame)
+    second = _note(signum)
     for child in multiprocessing.active_children():
         try:
             os.kill(child.pid, signum)
