@@ -351,20 +351,28 @@ def fits(kind: str, cfg, batch: int, tgt: Target) -> bool:
     return True
 
 
-def max_batch(kind: str, cfg, tgt: Target, start: int, multiple: int) -> int:
+def max_batch(kind: str, cfg, tgt: Target, start: int, multiple: int, known: dict[int, bool] | None = None) -> int:
     """The largest per-device batch, a multiple of `multiple`, whose graph fits one device: from
     `start`, doubling up to the first that does not fit (or halving down to the first that does),
-    then bisection on the compiler's answer. 0 when not even `multiple` fits."""
+    then bisection on the compiler's answer. 0 when not even `multiple` fits. `known`: batches
+    already compiled, whether each fits (each probe is a trace and a TPU compile: minutes)."""
+    answers = dict(known or {})
+
+    def ok(batch: int) -> bool:
+        if batch not in answers:
+            answers[batch] = fits(kind, cfg, batch, tgt)
+        return answers[batch]
+
     low = high = max(multiple, start // multiple * multiple)
-    if fits(kind, cfg, low, tgt):
-        while fits(kind, cfg, high := high * 2, tgt):
+    if ok(low):
+        while ok(high := high * 2):
             low = high
     else:
-        while (low := low // 2 // multiple * multiple) and not fits(kind, cfg, low, tgt):
+        while (low := low // 2 // multiple * multiple) and not ok(low):
             high = low
     while high - low > multiple:
         middle = (low + high) // 2 // multiple * multiple
-        low, high = (middle, high) if fits(kind, cfg, middle, tgt) else (low, middle)
+        low, high = (middle, high) if ok(middle) else (low, middle)
     return low
 
 
@@ -438,7 +446,8 @@ def main(argv=None) -> int:
     }
     if args.max_batch:
         # TPU tiles are 8 rows: a batch per device that is not a multiple of 8 pads its matmuls
-        result["max_train_batch"] = max_batch("train", cfg, tgt, batch, math.lcm(8, cfg.optim.grad_accum))
+        known = {batch: rows[0]["fits"]}  # planned above
+        result["max_train_batch"] = max_batch("train", cfg, tgt, batch, math.lcm(8, cfg.optim.grad_accum), known)
     if args.json:
         print(json.dumps(result))
     else:
