@@ -355,8 +355,9 @@ def max_batch(kind: str, cfg, tgt: Target, start: int, multiple: int, known: dic
     """The largest per-device batch, a multiple of `multiple`, whose graph fits one device: from
     `start`, doubling up to the first that does not fit (or halving down to the first that does),
     then bisection on the compiler's answer. 0 when not even `multiple` fits. `known`: batches
-    already compiled, whether each fits (each probe is a trace and a TPU compile: minutes)."""
-    answers = dict(known or {})
+    already compiled, whether each fits (each probe is a trace and a TPU compile: minutes); every
+    probe's answer is added to it."""
+    answers = {} if known is None else known
 
     def ok(batch: int) -> bool:
         if batch not in answers:
@@ -448,6 +449,7 @@ def main(argv=None) -> int:
         # TPU tiles are 8 rows: a batch per device that is not a multiple of 8 pads its matmuls
         known = {batch: rows[0]["fits"]}  # planned above
         result["max_train_batch"] = max_batch("train", cfg, tgt, batch, math.lcm(8, cfg.optim.grad_accum), known)
+        result["train_batches_compiled"] = {str(size): fits for size, fits in sorted(known.items())}
     if args.json:
         print(json.dumps(result))
     else:
@@ -458,7 +460,9 @@ def main(argv=None) -> int:
         for row in rows:
             _print_row(row, tgt)
         if args.max_batch:
+            probes = ", ".join(f"{size} {'fits' if fits else 'no'}" for size, fits in sorted(known.items()))
             print(f"largest training batch per device that fits (a multiple of 8): {result['max_train_batch']}")
+            print(f"  training batches compiled: {probes}")
     if not rows[0]["fits"] and not args.max_batch:
         print("the training step does not fit: lower --batch (--max-batch finds the largest)", file=sys.stderr)
     return 0 if all(row["fits"] for row in rows) else 1

@@ -292,6 +292,7 @@ def test_xla_empty_batch():
     assert torch.equal(gc.cpu(), torch.zeros(5, 4, 9))
 
 
+@pytest.mark.slow  # compiles a forward and backward on XLA: ~6 s
 def test_xla_backward_recomputes_the_basis(tmp_path):
     """Eight stacked layers' forward + backward compiled by XLA: its temporary buffer holds under
     half the layers' bases (each K * in floats per token), i.e. XLA recomputes each basis in

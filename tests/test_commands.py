@@ -54,6 +54,7 @@ def test_launcher_rejects_bad_configs_before_spawning(tmp_path, args, env, messa
     assert not out.exists()  # nothing started: no output directory, config or checkpoint
 
 
+@pytest.mark.slow  # trains a checkpoint first: ~7 s
 def test_evaluate_rejects_a_checkpoint_that_does_not_fit(tmp_path):
     from flax.serialization import msgpack_serialize
     from numpy_reference import random_params

@@ -146,21 +146,27 @@ def test_train_accuracy_is_the_original_top_k_within_the_target_maximum(tmp_path
 
 @pytest.mark.slow
 def test_grad_accumulation_averages_micro_batches_into_one_update(tmp_path):
-    """Two micro-batches of 8 give the same update as one batch of 16 (mean loss, same gradient)."""
+    """Two micro-batches of 8 give the gradient of one batch of 16 (mean loss) and one optimizer
+    update. The gradient is compared, not the updated parameters: AdamW's first steps divide each
+    gradient by its own magnitude, so an element near zero turns a last-bit difference in the sum's
+    order (which differs between processors) into a visible parameter difference; the update rule
+    itself is checked against the original's in tests/test_optim.py."""
     device = torch_xla.device()
     images, targets, _ = _fixed_batch(16, 10, 32)
     zero = torch.zeros((), dtype=torch.int64)
-    params = []
+    grads, steps = [], []
     for accum in (1, 2):
         cfg = _deterministic_cfg(tmp_path, accum)
         state = loop.build_state(cfg, device)
         chunks = zip(images.chunk(accum), targets.chunk(accum))
         micro = [(i.to(device), t.to(device), zero.to(device)) for i, t in chunks]
-        for _ in range(2):
-            loop.train_step(state, micro, cfg)
-        params.append({k: v.cpu() for k, v in state.model.state_dict().items()})
-    for key in params[0]:
-        torch.testing.assert_close(params[1][key], params[0][key], rtol=1e-5, atol=1e-6, msg=key)
+        loop.train_step(state, micro, cfg)
+        grads.append({name: p.grad.cpu() for name, p in state.model.named_parameters()})
+        steps.append({int(group["step"].item()) for group in state.optimizer.param_groups})
+    assert steps == [{1}, {1}]
+    for name, full in grads[0].items():
+        # fp32 sums regrouped into two halves: the error scales with the largest term, not each element
+        torch.testing.assert_close(grads[1][name], full, rtol=1e-5, atol=1e-6 * full.abs().max().item(), msg=name)
 
 
 SPMD_SCRIPT = r"""

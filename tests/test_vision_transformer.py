@@ -616,10 +616,14 @@ def test_compile_aot_eager_matches_eager(name, train):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(
+    "name, train",
+    [(name, False) for name in MODELS] + [("kan_vit_tiny_patch16_224", True), ("deit_jax_tiny_patch16_224", True)],
+    ids=lambda value: {True: "train", False: "eval"}.get(value, value),
+)
 def test_compile_inductor_matches_eager(name, train):
-    """The default backend: inductor's generated C++ kernels."""
+    """The default backend: inductor's generated C++ kernels. Training (the backward's kernels,
+    5-16 s per model) on one model of each family: the S and B sizes run the same code."""
     torch._dynamo.reset()
     _check_compiled(name, "inductor", train)
 
