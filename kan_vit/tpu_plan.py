@@ -460,7 +460,8 @@ def main(argv=None) -> int:
         for row in rows:
             _print_row(row, tgt)
         if args.max_batch:
-            probes = ", ".join(f"{size} {'fits' if fits else 'no'}" for size, fits in sorted(known.items()))
+            compiled = result["train_batches_compiled"].items()
+            probes = ", ".join(f"{size} {'fits' if fits else 'no'}" for size, fits in compiled)
             print(f"largest training batch per device that fits (a multiple of 8): {result['max_train_batch']}")
             print(f"  training batches compiled: {probes}")
     if not rows[0]["fits"] and not args.max_batch:
