@@ -19,7 +19,6 @@ import contextlib
 import importlib.metadata
 import io
 import json
-import math
 import os
 import sys
 from dataclasses import asdict
@@ -46,19 +45,17 @@ def update_gemm_flops(model, batch: int, original: bool) -> int:
     """FLOPs of the GEMMs of one update (forward, input and weight gradients) for `batch` images.
 
     Per image, forward: patch embedding 2 N (3 p^2) D (N patches); per block qkv 2 T D 3D, scores
-    and weighted values 2 * 2 T T_k D (T tokens, T_k keys: this project pads them to a multiple of
-    8), projection 2 T D^2, feed-forward 2 * 2 T D 4D (MLP) or 2 T (K D) D (ChebyKAN of degree K:
-    this project folds T_0 = 1 into a constant, the original contracts all K + 1 basis blocks);
-    head 2 D C. The update runs each GEMM 3 times (forward, input gradient, weight gradient),
-    except the patch embedding's twice (no image gradient)."""
+    and weighted values 2 * 2 T^2 D (T tokens), projection 2 T D^2, feed-forward 2 * 2 T D 4D (MLP)
+    or 2 T (K D) D (ChebyKAN of degree K: this project folds T_0 = 1 into a constant, the original
+    contracts all K + 1 basis blocks); head 2 D C. The update runs each GEMM 3 times (forward,
+    input gradient, weight gradient), except the patch embedding's twice (no image gradient)."""
     d, patches = model.dim, (model.image_size // model.patch_size) ** 2
     tokens = patches + (model.pooling == "cls")
-    keys = tokens if original else math.ceil(tokens / 8) * 8
     if model.use_kan:
         ffn = 2 * tokens * (model.polynomial_degree + original) * d * d
     else:
         ffn = 2 * 2 * tokens * d * 4 * d
-    block = 2 * tokens * d * 3 * d + 2 * 2 * tokens * keys * d + 2 * tokens * d * d + ffn
+    block = 2 * tokens * d * 3 * d + 2 * 2 * tokens * tokens * d + 2 * tokens * d * d + ffn
     patch_embed = 2 * patches * 3 * model.patch_size**2 * d
     return batch * (3 * (model.layers * block + 2 * d * model.labels) + 2 * patch_embed)
 

@@ -14,7 +14,6 @@ KAN degrees, a learned input scale before tanh, and the KAN paper's residual bas
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Literal, get_args
@@ -22,7 +21,6 @@ from typing import Literal, get_args
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, Mlp, register_notrace_module, resample_abs_pos_embed, trunc_normal_tf_
-from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -117,48 +115,6 @@ class ChebyKANFeedForward(nn.Module):
         return y
 
 
-class KeyPaddedAttention(Attention):
-    """timm's `Attention` (same parameters, state dict and outputs) whose explicit form pads the keys
-    and values to a multiple of `key_multiple` tokens, the padding masked out of the softmax with
-    -inf, so the outputs are the unpadded ones up to float32 rounding. The XLA backend sets 8:
-    XLA:CPU runs the (tokens x keys) products of ViT's 197 tokens slower than of 200 (the
-    `--changes` table of benchmarks/xla_step.py); a TPU pads to its tiles anyway."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.key_multiple = None
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
-        # timm's Attention.forward with the padding between its projections and its products
-        B, N, C = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
-            )
-        else:
-            pad = 0 if self.key_multiple is None or attn_mask is not None or is_causal else -N % self.key_multiple
-            if pad:
-                k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-                keys = torch.arange(N + pad, device=x.device)  # an iota: constant-folded by XLA
-                attn_mask = torch.zeros(N + pad, dtype=q.dtype, device=x.device).masked_fill(keys >= N, -math.inf)
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-            x = self.attn_drop(attn.softmax(dim=-1)) @ v
-        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
-
-
 def _per_block_feed_forward(degrees: list, depth: int, kan_options: dict):
     """A timm `mlp_layer` giving the i-th block it builds (timm builds them in order) degree i."""
     if len(degrees) != depth:
@@ -247,7 +203,6 @@ class KanVisionTransformer(VisionTransformer):
             proj_drop_rate=dropout,
             attn_drop_rate=dropout,
             mlp_layer=mlp_layer,
-            attn_layer=KeyPaddedAttention,
             act_layer="gelu_tanh",
             norm_layer=partial(nn.LayerNorm, eps=LAYERNORM_EPS),
             **kwargs,

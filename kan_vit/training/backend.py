@@ -89,13 +89,11 @@ class XlaBackend:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """timm's attention in its explicit form (q k^T, softmax, @ v, as the original): on XLA,
         scaled_dot_product_attention lowers to the same ops plus a check of every attention row for
-        all-masked scores, one more reduction per row; and the keys padded to a multiple of 8
-        (`KeyPaddedAttention`). benchmarks/xla_step.py measures both."""
+        all-masked scores; on the TPU compiler's measure the DeiT-S/16 update then moves 1.06x the
+        bytes and needs 1.05x the peak memory (benchmarks/tpu_changes.py, docs/performance.md)."""
         for module in model.modules():
             if hasattr(module, "fused_attn"):
                 module.fused_attn = False
-            if hasattr(module, "key_multiple"):
-                module.key_multiple = 8
         return model
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
