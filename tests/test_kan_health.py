@@ -50,12 +50,16 @@ def test_logged_health_equals_a_numpy_recomputation_from_hooked_inputs(tmp_path)
     seen = [[] for _ in layers]
     for i, layer in enumerate(layers):
         layer.register_forward_pre_hook(lambda module, args, i=i: seen[i].append(args[0].detach()))
+    applied = []  # each update's gradients as the optimizer receives them (the step drops them after)
+    state.optimizer.register_step_pre_hook(
+        lambda optimizer, args, kwargs: applied.append([p.grad for p in state.model.parameters() if p.grad is not None])
+    )
     per_update, grad_norms = [], []
     for _ in range(6):
         update()
         # fraction per micro-batch forward, their mean per update (the metric's definition)
         per_update.append([np.mean([np.mean(np.abs(x.cpu().numpy()) > SATURATION) for x in xs]) for xs in seen])
-        grads = [p.grad.cpu().numpy().astype(np.float64) for p in state.model.parameters() if p.grad is not None]
+        grads = [g.cpu().numpy().astype(np.float64) for g in applied.pop()]
         grad_norms.append(np.sqrt(sum((g**2).sum() for g in grads)))
         for xs in seen:
             assert len(xs) == cfg.optim.grad_accum

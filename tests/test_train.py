@@ -160,13 +160,21 @@ def test_grad_accumulation_averages_micro_batches_into_one_update(tmp_path):
         state = loop.build_state(cfg, device)
         chunks = zip(images.chunk(accum), targets.chunk(accum))
         micro = [(i.to(device), t.to(device), zero.to(device)) for i, t in chunks]
+        params = dict(state.model.named_parameters())
+
+        def keep_gradients(optimizer, args, kwargs, params=params):  # as the optimizer receives them
+            grads.append({name: p.grad for name, p in params.items()})
+
+        state.optimizer.register_step_pre_hook(keep_gradients)
         loop.train_step(state, micro, cfg)
-        grads.append({name: p.grad.cpu() for name, p in state.model.named_parameters()})
+        assert all(p.grad is None for p in params.values())  # dropped once applied
         steps.append({int(group["step"].item()) for group in state.optimizer.param_groups})
     assert steps == [{1}, {1}]
+    assert len(grads) == 2
     for name, full in grads[0].items():
+        full, accumulated = full.cpu(), grads[1][name].cpu()
         # fp32 sums regrouped into two halves: the error scales with the largest term, not each element
-        torch.testing.assert_close(grads[1][name], full, rtol=1e-5, atol=1e-6 * full.abs().max().item(), msg=name)
+        torch.testing.assert_close(accumulated, full, rtol=1e-5, atol=1e-6 * full.abs().max().item(), msg=name)
 
 
 SPMD_SCRIPT = r"""

@@ -106,7 +106,6 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
     model.train()
     lr = lr_at(state.step, o.learning_rate, cfg.schedule.warmup_steps, cfg.schedule.training_steps)
     set_lr(optimizer, lr)  # a device tensor: no new graph constant per step
-    optimizer.zero_grad(set_to_none=True)
     loss, acc, skipped = 0.0, 0.0, 0
     for i, (images, targets, num_skipped) in enumerate(micro_batches):
         with backend.micro_batch(model, last=i == len(micro_batches) - 1):
@@ -124,6 +123,9 @@ def train_step(state: TrainState, micro_batches: list, cfg: Config, logger: RunL
     if state.health is not None:
         state.health.observe_grad_norm(grad_norm)
     optimizer.step()
+    # applied, the gradients are dead: dropped before the sync, they are not among the step graph's
+    # outputs (XLA would write them to device memory and keep them until the next update)
+    optimizer.zero_grad(set_to_none=True)
 
     # Interval metrics stay on the device; the sums restart after each logged update. The
     # restart is a torch.where on the step, so log and non-log updates share one graph.
