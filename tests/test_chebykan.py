@@ -261,6 +261,29 @@ def test_xla_matches_cpu():
     torch.testing.assert_close(gcx.cpu(), gc, rtol=1e-4, atol=1e-4)
 
 
+def test_xla_angle_basis_holds_at_saturation():
+    """XLA builds the basis as cos(k acos t): at inputs whose tanh rounds to +-1 (|x| >= 9.1 in
+    float32), next to them and at 0, the output and both gradients stay within a few float32
+    roundings of the float64 reference (relative to each tensor's largest entry)."""
+    import torch_xla
+
+    dev = torch_xla.device()
+    g = torch.Generator().manual_seed(0)
+    edge = torch.tensor([0.0, 1e-4, 0.5, 2.0, 3.47, 5.0, 8.0, 9.0, 9.1, 12.0, 20.0, 100.0])
+    x = torch.cat([edge, -edge, 3 * torch.randn(104, generator=g)]).view(8, 16)
+    coef = torch.randn(16, 8, 9, generator=g) / 16
+    grad_y = torch.randn(8, 8, generator=g)
+    x64, c64 = x.double().requires_grad_(), coef.double().requires_grad_()
+    y64 = cheby_kan_reference(x64, c64)
+    want = (y64, *torch.autograd.grad(y64, (x64, c64), grad_y.double()))
+    xx, cx = x.to(dev).requires_grad_(), coef.to(dev).requires_grad_()
+    y = cheby_kan(xx, cx)
+    got = (y, *torch.autograd.grad(y, (xx, cx), grad_y.to(dev)))
+    for name, g32, g64 in zip(("y", "dL/dx", "dL/dC"), got, want):
+        error = (g32.cpu().double() - g64).abs().max() / g64.abs().max()
+        assert error < 2e-5, f"{name}: {error:.2e}"
+
+
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_xla_non_finite_gradient_spreads_as_in_the_reference(poison):
     """A non-finite incoming gradient at [0, 0] (the entry the backward's recomputation waits on)

@@ -10,11 +10,12 @@ Two formulations compute the same function:
 * `cheby_kan` (the default): an autograd Function that saves only its input x and recomputes
   tanh and the basis in backward; dL/dt = sum_k dL/dT_k * k U_(k-1)(t) is summed by Clenshaw's
   recurrence. T_0 = 1 is folded into a constant (sum_i C[i, :, 0]), so the GEMM has K*in
-  columns: exactly the FLOPs of a 4x MLP at K = 8. In a compiled XLA step the compiler's
-  common-subexpression elimination would merge the recomputed basis with the forward's and keep
-  it (K*in floats per token) from forward to backward; the backward reads x through
-  `_after_gradient`, so XLA recomputes too (benchmarks/xla_step.py, KAN-ViT-S train step at
-  batch 8: 319 instead of 550 MiB of temporary memory on XLA:CPU, at the same speed).
+  columns: exactly the FLOPs of a 4x MLP at K = 8. On XLA the basis is sigma_k cos(k acos t),
+  which XLA's TPU compiler fuses into the GEMMs' operands, and the GEMMs keep the input's
+  leading axes (`_chebyshev_basis_operand`, `_gemm_rows`). The backward reads x through
+  `_after_gradient`, so that XLA's common-subexpression elimination cannot merge the
+  recomputation with the forward's and keep it alive in between (KAN-ViT-S/16 update at 128
+  per v4 device: 5.4% less peak memory for 1.9% more bytes; docs/performance.md).
 
 `ChebyKAN` uses `cheby_kan` eagerly, on XLA and under torch.compile / torch.export (both trace
 it), and the reference when scripted: TorchScript cannot compile an autograd Function.
@@ -99,49 +100,82 @@ def _tanh(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x.to(torch.promote_types(x.dtype, torch.float32)))
 
 
-def _chebyshev_basis_t(t: torch.Tensor, degree: int, rows: bool | None = None) -> torch.Tensor:
-    """R_k = sigma_k T_k(t) for k = 1..K, transposed: the (K * D, N) matrix of row blocks R_k^T.
-    The forward GEMM reads its transpose (N, K * D), the weight-gradient GEMM reads it as is.
+def _k_minor(t: torch.Tensor) -> bool:
+    """The GEMM operand's column order: (input i, term k) with k minor on XLA, (k, i) with k major
+    elsewhere. See `_chebyshev_basis_operand`."""
+    return t.device.type == "xla"
 
-    With the signs the recurrence T_k = 2t T_(k-1) - T_(k-2) becomes
-    R_k = R_(k-2) + 2 sigma_k sigma_(k-1) t R_(k-1): one addcmul (one element-wise pass) per k.
-    The signs are undone in the GEMM weight (`_weight_maps`).
 
-    Eager: written into column slices of one (N, K * D) buffer, returned as its transposed view.
-    XLA (`rows`, the default there): the recurrence runs on t^T and one concatenation stacks the
-    row blocks, a contiguous pass XLA fuses with the recurrence, and the weight-gradient GEMM reads
-    its operand untransposed (KAN-S train step 1-7% faster on XLA:CPU than with column blocks in
-    eight runs of benchmarks/xla_step.py --changes). torch.compile: column blocks concatenated.
+def _gemm_rows(x: torch.Tensor) -> torch.Tensor:
+    """x with its leading axes as the GEMMs' rows: merged into one (N, in) eagerly; on XLA x itself.
+    Merging the batch and token axes pins a layout that XLA's TPU compiler otherwise chooses
+    freely, and copies the tensors the layer reads and writes to match (KAN-ViT-S/16 update at
+    128 per v4 device: 1.17x the bytes, 1.035x the peak memory)."""
+    return x if x.device.type == "xla" else x.reshape(-1, x.shape[-1])
+
+
+def _chebyshev_basis_operand(t: torch.Tensor, degree: int) -> torch.Tensor:
+    """R_k = sigma_k T_k(t) for k = 1..K: the (..., K * D) operand of the forward GEMM (the weight-
+    gradient GEMM contracts it over the leading axes). The signs are undone in the GEMM weight
+    (`_weight_maps`).
+
+    XLA: sigma_k cos(k acos t), k minor: one element-wise expression of the angle and k, which XLA's
+    TPU compiler fuses into both GEMMs' operands, so the basis never reaches HBM; built by the
+    recurrence, each T_k is its own tensor and the stacked basis is written to HBM and read back
+    (KAN-ViT-S/16 update at 128 per v4 device: 1.14x the bytes, 1.055x the peak memory). Equal to
+    the recurrence to float rounding for |t| <= 1, t = +-1 included (the angle form has no
+    singular point; only its derivative has, and the backward differentiates the polynomials).
+
+    Elsewhere: the recurrence, with the signs R_k = R_(k-2) + 2 sigma_k sigma_(k-1) t R_(k-1), one
+    addcmul (one element-wise pass) per k, column blocks k-major; eager writes them into one
+    (..., K * D) buffer, torch.compile / torch.export concatenate them.
     """
-    rows = t.device.type == "xla" if rows is None else rows
-    if rows:
-        t = t.t()
-    n, d = t.shape
-    buffer = t.new_empty(n, degree * d) if _writes_in_place(t) and not rows else None
+    if _k_minor(t):
+        k = torch.arange(1, degree + 1, device=t.device)
+        return (torch.cos(torch.acos(t).unsqueeze(-1) * k.to(t.dtype)) * _sign(k).to(t.dtype)).flatten(-2)
+    d = t.shape[-1]
+    buffer = t.new_empty(*t.shape[:-1], degree * d) if _writes_in_place(t) else None
 
     def slot(k):
-        return None if buffer is None else buffer[:, (k - 1) * d : k * d]
+        return None if buffer is None else buffer[..., (k - 1) * d : k * d]
 
     polys = [t.new_ones(()), t if buffer is None else slot(1).copy_(t)]  # R_0 = 1, R_1 = t
     signs = [_sign(k) for k in range(degree + 1)]
     for k in range(2, degree + 1):
         value = 2 * signs[k] * signs[k - 1]
         polys.append(torch.addcmul(polys[k - 2], t, polys[k - 1], value=value, out=slot(k)))
-    if buffer is not None:
-        return buffer.t()
-    return torch.cat(polys[1:], dim=0) if rows else torch.cat(polys[1:], dim=1).t()
+    return buffer if buffer is not None else torch.cat(polys[1:], dim=-1)
 
 
-def _gemm_weight(coefficients: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """sum_k C[:, :, k] mix[k, m] for each column m of `mix`, as a (columns * in, out) matrix of
-    row blocks.
+def _gemm_weight(coefficients: torch.Tensor, mix: torch.Tensor, k_minor: bool) -> torch.Tensor:
+    """sum_k C[:, :, k] mix[k, m] for each column m of `mix`, as a (columns * in, out) matrix whose
+    rows follow the basis operand's columns: (m, i) k-major, (i, m) k-minor.
 
-    One small GEMM (inner size K+1) that also does the layout change (in, out, K+1) -> (K+1, in, out):
-    BLAS reads the coefficients through a transposed view instead of a strided gather.
+    k-major: one small GEMM (inner size K+1) that also does the layout change (in, out, K+1) ->
+    (K+1, in, out): BLAS reads the coefficients through a transposed view instead of a strided gather.
     """
     d_in, d_out, num_terms = coefficients.shape
-    flat = coefficients.to(mix.dtype).reshape(d_in * d_out, num_terms)
+    coefficients = coefficients.to(mix.dtype)
+    if k_minor:
+        return torch.einsum("iok,km->imo", coefficients, mix).reshape(-1, d_out)
+    flat = coefficients.reshape(d_in * d_out, num_terms)
     return torch.mm(mix.t(), flat.t()).view(-1, d_out)
+
+
+def _coefficient_gradient(grad_w: torch.Tensor, signed: torch.Tensor, d_in: int, k_minor: bool) -> torch.Tensor:
+    """dL/dC[:, :, 1:] from the weight-gradient GEMM's (K * in, out) output (row blocks as the basis
+    operand's columns, each sigma_k dL/dC[:, :, k]), as (in, out, K+1) with column k = 0 zero."""
+    d_out, degree = grad_w.shape[1], signed.shape[0] - 1
+    if k_minor:
+        return torch.einsum("iko,km->iom", grad_w.view(d_in, degree, d_out), signed[1:])
+    return torch.mm(grad_w.view(degree, d_in * d_out).t(), signed[1:]).view(d_in, d_out, degree + 1)
+
+
+def _chebyshev_terms(a: torch.Tensor, d_in: int, degree: int, k_minor: bool) -> list[torch.Tensor]:
+    """The (..., K * in) GEMM output split into its K (..., in) terms, k = 1..K."""
+    if k_minor:
+        return list(a.unflatten(-1, (d_in, degree)).unbind(-1))
+    return list(a.split(d_in, dim=-1))
 
 
 def _after_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -160,12 +194,14 @@ class _ChebyKANFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, coefficients, compute_dtype):
         d_in, d_out, num_terms = coefficients.shape
-        basis_t = _chebyshev_basis_t(_tanh(x.reshape(-1, d_in)), num_terms - 1).to(compute_dtype)
+        t = _tanh(_gemm_rows(x))
+        basis = _chebyshev_basis_operand(t, num_terms - 1).to(compute_dtype)
         signed, _ = _weight_maps(num_terms - 1, compute_dtype, x.device)
-        weight = _gemm_weight(coefficients, signed)
+        weight = _gemm_weight(coefficients, signed[:, 1:], _k_minor(t))
         # T_0 = 1 term: sum_i C[i, :, 0], accumulated in float32 at least (XLA sums bf16 in bf16)
-        const = weight[:d_in].sum(0, dtype=torch.promote_types(compute_dtype, torch.float32))
-        y = torch.addmm(const.to(compute_dtype), basis_t.t(), weight[d_in:])
+        const = coefficients[:, :, 0].to(compute_dtype).sum(0, dtype=torch.promote_types(compute_dtype, torch.float32))
+        const = const.to(compute_dtype)
+        y = torch.addmm(const, basis, weight) if basis.dim() == 2 else torch.matmul(basis, weight) + const
         ctx.save_for_backward(x, coefficients)
         ctx.compute_dtype = compute_dtype
         return y.reshape(*x.shape[:-1], d_out)
@@ -176,27 +212,31 @@ class _ChebyKANFunction(torch.autograd.Function):
         d_in, d_out, num_terms = coefficients.shape
         degree = num_terms - 1
         compute_dtype = ctx.compute_dtype
-        grad_y = grad_y.reshape(-1, d_out).to(compute_dtype)
         signed, scaled = _weight_maps(degree, compute_dtype, x.device)
         need_x, need_c = ctx.needs_input_grad[:2]
-        t = _tanh(_after_gradient(x, grad_y).reshape(-1, d_in))
-        grad_x = grad_c = basis_t = None
+        rows = _gemm_rows(_after_gradient(x, grad_y))
+        grad_y = grad_y.reshape(*rows.shape[:-1], d_out).to(compute_dtype)
+        tokens = list(range(rows.dim() - 1))  # the axes the coefficient gradient sums over
+        t = _tanh(rows)
+        k_minor = _k_minor(t)
+        grad_x = grad_c = basis = None
 
         if need_c:
-            basis_t = _chebyshev_basis_t(t, degree).to(compute_dtype)
-            grad_w = torch.mm(basis_t, grad_y)  # block k-1: sigma_k dL/dC[:, :, k]
-            # back to (in, out, K+1) by one small GEMM; column k = 0 is the T_0 = 1 term
-            grad_c = torch.mm(grad_w.view(degree, d_in * d_out).t(), signed[1:]).view(d_in, d_out, num_terms)
-            grad_c[:, :, 0] = grad_y.sum(0, dtype=torch.promote_types(compute_dtype, torch.float32))
+            basis = _chebyshev_basis_operand(t, degree).to(compute_dtype)
+            # row block k: sigma_k dL/dC[:, :, k]; an einsum, as tensordot merges the token axes
+            grad_w = torch.einsum("...i,...o->io", basis, grad_y)
+            grad_c = _coefficient_gradient(grad_w, signed, d_in, k_minor)
+            grad_c[:, :, 0] = grad_y.sum(tokens, dtype=torch.promote_types(compute_dtype, torch.float32))
             grad_c = grad_c.to(coefficients.dtype)
 
         if need_x:
             # a_m = (m + 1) dL/dT_(m+1); dL/dt = sum_m a_m U_m(t), summed by Clenshaw's recurrence
             # b_m = a_m + 2t b_(m+1) - b_(m+2), dL/dt = b_0, in place over the GEMM's output.
             in_place = _writes_in_place(x)
-            reuse = basis_t.t() if in_place and basis_t is not None else None  # dead after grad_w
-            a = torch.mm(grad_y, _gemm_weight(coefficients, scaled[:, 1:]).t(), out=reuse).to(t.dtype)
-            b = list(a.split(d_in, dim=1))
+            reuse = basis if in_place and basis is not None else None  # dead after grad_w
+            weight_t = _gemm_weight(coefficients, scaled[:, 1:], k_minor).t()
+            a = torch.matmul(grad_y, weight_t, out=reuse).to(t.dtype)
+            b = _chebyshev_terms(a, d_in, degree, k_minor)
             for m in range(degree - 2, -1, -1):
                 b[m] = torch.addcmul(b[m], t, b[m + 1], value=2, out=b[m] if in_place else None)
                 if m + 2 < degree:
