@@ -243,16 +243,18 @@ def _trace(kind: str, cfg_json: str, batch: int) -> None:
             torch_xla.sync()
 
 
-def step_graph(kind: str, cfg, batch: int) -> tuple[bytes, list[int]]:
+def step_graph(kind: str, cfg, batch: int, setup: str = "") -> tuple[bytes, list[int]]:
     """The serialized HloModuleProto of the trainer's steady training update ("train") or evaluation
-    batch ("eval") at a per-device `batch`, and the parameters torch_xla's sync donates."""
+    batch ("eval") at a per-device `batch`, and the parameters torch_xla's sync donates. `setup`:
+    Python statements the child runs first (benchmarks/tpu_changes.py swaps a part of the step so)."""
     from kan_vit.training.config import to_dict
 
     with tempfile.TemporaryDirectory() as dump, tempfile.TemporaryFile("w+") as log:
         env = {**os.environ, "PJRT_DEVICE": "CPU", "PYTHONPATH": os.pathsep.join(sys.path)}
         env.pop("CPU_NUM_DEVICES", None)  # one device
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_proto"
-        code = "import sys; from kan_vit.tpu_plan import _trace; _trace(sys.argv[1], sys.argv[2], int(sys.argv[3]))"
+        trace = "import sys; from kan_vit.tpu_plan import _trace; _trace(sys.argv[1], sys.argv[2], int(sys.argv[3]))"
+        code = f"{setup}\n{trace}"
         config = json.dumps(to_dict(cfg))
         child = subprocess.Popen(
             [sys.executable, "-c", code, kind, config, str(batch)],
@@ -262,11 +264,16 @@ def step_graph(kind: str, cfg, batch: int) -> tuple[bytes, list[int]]:
             env=env,
         )
         try:
-            if not any(line.strip() == STEP_MARK for line in child.stdout):
+
+            def failure(what: str) -> RuntimeError:
                 log.seek(0)
-                raise RuntimeError(f"tracing the {kind} step failed: {log.read()[-2000:]}")
+                return RuntimeError(f"tracing the {kind} step failed: {what}: {log.read()[-2000:]}")
+
+            if not any(line.strip() == STEP_MARK for line in child.stdout):
+                raise failure("the child stopped before the step")
             before = set(glob.glob(os.path.join(dump, "*before_optimizations.hlo.pb")))
-            path = _written(lambda: set(glob.glob(os.path.join(dump, "*before_optimizations.hlo.pb"))) - before)
+            new_files = lambda: set(glob.glob(os.path.join(dump, "*before_optimizations.hlo.pb"))) - before  # noqa: E731
+            path = _written(new_files, lambda: child.poll() is not None, failure)
         finally:
             child.kill()
             child.wait()
@@ -275,12 +282,18 @@ def step_graph(kind: str, cfg, batch: int) -> tuple[bytes, list[int]]:
     return module, _buffer_donors(module)
 
 
-def _written(new_files, poll: float = 0.2, still: int = 3) -> str:
-    """The one new dump file once its size has stopped changing (XLA writes it in one go)."""
+def _written(new_files, exited, failure, poll: float = 0.2, still: int = 3) -> str:
+    """The one new dump file once its size has stopped changing (XLA writes it in one go). A child
+    that exits first failed within the step; a second graph means the step ran one before its sync
+    (a host sync inside the update)."""
     sizes = []
     while True:
         time.sleep(poll)
         files = new_files()
+        if len(files) > 1:
+            raise failure("the update compiled more than one graph (something in it reads a device value)")
+        if not files and exited():
+            raise failure("the child exited within the step")
         if files:
             (path,) = files
             sizes.append(os.path.getsize(path))

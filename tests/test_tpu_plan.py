@@ -152,7 +152,7 @@ def _gemm_update_flops(batch, layers, dim, tokens, patch, labels, ffn):
 @pytest.mark.parametrize("use_kan", [False, True])
 def test_command_reports_the_tiny_update_on_v4(use_kan):
     """The command's numbers for a one-block model: FLOPs 0-3% above the closed-form GEMM count of
-    the update (the rest: GELU, softmax, layer norms, AdamW, keys padded to 24), the donated bytes
+    the update (the rest: GELU, softmax, layer norms, AdamW), the donated bytes
     = parameters and both AdamW moments, a peak that adds up."""
     batch, dim = 32, 768
     result = run_command(
@@ -204,3 +204,47 @@ def test_a_config_that_cannot_fit_names_the_largest_batch_that_does():
     assert 8 <= largest < 256 and largest % 8 == 0
     assert compiled[largest] and not compiled[largest + 8] and not compiled[256]
     assert all(fits == (size <= largest) for size, fits in compiled.items())  # fitting is monotone in the batch
+
+
+def test_a_step_that_fails_inside_is_one_error():
+    """The traced child dies after the step began (here: train_step raises): step_graph names it
+    and shows the child's error, instead of waiting for a graph that never comes."""
+    setup = (
+        "from kan_vit.training import loop\n"
+        "def _fail(*args): raise RuntimeError('boom in the step')\n"
+        "loop.train_step = _fail"
+    )
+    with pytest.raises(RuntimeError, match="exited within the step") as error:
+        tpu_plan.step_graph("train", load(CONFIG, [*TINY, "model.dim=64", "model.heads=2"]), 8, setup)
+    assert "boom in the step" in str(error.value)
+
+
+def _kan_layer_bytes(k_minor: bool) -> tuple[float, int]:
+    """Bytes accessed by one ChebyKAN layer's forward and backward (x: 8 x 256 tokens x 128,
+    degree 8) compiled for one v4 device, with the basis as XLA builds it (k_minor) or by the
+    recurrence; and the bytes of that basis in bf16 (what the TPU's single-pass GEMM reads)."""
+    import torch_xla
+
+    from kan_vit.models import chebykan
+
+    device, shape, degree = torch_xla.device(), (8, 256, 128), 8
+    x = torch.randn(*shape).to(device).requires_grad_()
+    coefficients = (0.01 * torch.randn(shape[-1], shape[-1], degree + 1)).to(device).requires_grad_()
+    torch_xla.sync()
+    chosen = chebykan._k_minor
+    chebykan._k_minor = lambda t: k_minor
+    try:
+        grads = torch.autograd.grad(chebykan.cheby_kan(x, coefficients).square().sum(), (x, coefficients))
+    finally:
+        chebykan._k_minor = chosen
+    hlo = torch_xla._XLAC._get_xla_tensors_hlo_proto(list(grads))
+    return tpu_plan.compile_hlo(hlo, [], tpu_plan.target("v4")).bytes_accessed, x.numel() * degree * 2
+
+
+@pytest.mark.slow  # two TPU compilations of one layer: ~30 s
+def test_the_kan_basis_never_reaches_hbm_on_a_tpu():
+    """cos(k acos t) fuses into both GEMMs' operands: against the recurrence's stacked basis, the
+    layer's forward and backward move less by at least the basis written once and read twice."""
+    fused, basis_bytes = _kan_layer_bytes(k_minor=True)
+    stacked, _ = _kan_layer_bytes(k_minor=False)
+    assert stacked - fused >= 3 * basis_bytes
