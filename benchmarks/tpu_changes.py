@@ -73,7 +73,7 @@ CHANGES = {
     "kan_angle_basis": (
         "kan_s16",
         "the KAN basis by the recurrence, stacked (k major), instead of cos(k acos t) (k minor)",
-        "from kan_vit.models import chebykan\nchebykan._k_minor = lambda t: False",
+        "from kan_vit.models import chebykan\nchebykan._k_minor = lambda t: False\nchebykan._gemm_rows = lambda x: x",
     ),
     "kan_token_axes": (
         "kan_s16",

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kan_vit.models.chebykan import XLA_TARGET
 from kan_vit.training.config import ConfigError, launcher_parser, load
 
 
@@ -251,6 +252,7 @@ def step_graph(kind: str, cfg, batch: int, setup: str = "") -> tuple[bytes, list
 
     with tempfile.TemporaryDirectory() as dump, tempfile.TemporaryFile("w+") as log:
         env = {**os.environ, "PJRT_DEVICE": "CPU", "PYTHONPATH": os.pathsep.join(sys.path)}
+        env[XLA_TARGET] = "TPU"  # the KAN layer builds the graph a TPU runs, not XLA:CPU's
         env.pop("CPU_NUM_DEVICES", None)  # one device
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_proto"
         trace = "import sys; from kan_vit.tpu_plan import _trace; _trace(sys.argv[1], sys.argv[2], int(sys.argv[3]))"

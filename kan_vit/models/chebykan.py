@@ -10,9 +10,9 @@ Two formulations compute the same function:
 * `cheby_kan` (the default): an autograd Function that saves only its input x and recomputes
   tanh and the basis in backward; dL/dt = sum_k dL/dT_k * k U_(k-1)(t) is summed by Clenshaw's
   recurrence. T_0 = 1 is folded into a constant (sum_i C[i, :, 0]), so the GEMM has K*in
-  columns: exactly the FLOPs of a 4x MLP at K = 8. On XLA the basis is sigma_k cos(k acos t),
-  which XLA's TPU compiler fuses into the GEMMs' operands, and the GEMMs keep the input's
-  leading axes (`_chebyshev_basis_operand`, `_gemm_rows`). The backward reads x through
+  columns: exactly the FLOPs of a 4x MLP at K = 8. On XLA for a TPU or GPU the basis is
+  sigma_k cos(k acos t), which the compiler fuses into the GEMMs' operands, and the GEMMs keep
+  the input's leading axes (`_chebyshev_basis_operand`, `_gemm_rows`). The backward reads x through
   `_after_gradient`, so that XLA's common-subexpression elimination cannot merge the
   recomputation with the forward's and keep it alive in between (KAN-ViT-S/16 update at 128
   per v4 device: 5.4% less peak memory for 1.9% more bytes; docs/performance.md).
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Literal, get_args
 
 import torch
@@ -100,18 +101,32 @@ def _tanh(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x.to(torch.promote_types(x.dtype, torch.float32)))
 
 
+XLA_TARGET = "KAN_VIT_XLA_TARGET"  # the hardware an XLA graph is built for, when not the device's
+
+
 def _k_minor(t: torch.Tensor) -> bool:
-    """The GEMM operand's column order: (input i, term k) with k minor on XLA, (k, i) with k major
-    elsewhere. See `_chebyshev_basis_operand`."""
-    return t.device.type == "xla"
+    """The basis in the angle form, k minor (`_chebyshev_basis_operand`), and the GEMMs on the
+    input's own axes (`_gemm_rows`): on XLA devices whose compiler fuses element-wise producers
+    into GEMM operands (TPU, GPU). XLA:CPU does not, and runs the merged matrices' GEMMs faster:
+    there the recurrence, k major, on (N, in) rows. `kan_vit.tpu_plan` traces on the CPU for a
+    TPU and names the target in the KAN_VIT_XLA_TARGET environment variable."""
+    if t.device.type != "xla":
+        return False
+    target = os.environ.get(XLA_TARGET)
+    if target is None:
+        import torch_xla.runtime as xr
+
+        target = xr.device_type()
+    return target != "CPU"
 
 
 def _gemm_rows(x: torch.Tensor) -> torch.Tensor:
-    """x with its leading axes as the GEMMs' rows: merged into one (N, in) eagerly; on XLA x itself.
-    Merging the batch and token axes pins a layout that XLA's TPU compiler otherwise chooses
-    freely, and copies the tensors the layer reads and writes to match (KAN-ViT-S/16 update at
-    128 per v4 device: 1.17x the bytes, 1.035x the peak memory)."""
-    return x if x.device.type == "xla" else x.reshape(-1, x.shape[-1])
+    """x with its leading axes as the GEMMs' rows: merged into one (N, in) matrix, except on XLA
+    for a TPU or GPU (`_k_minor`), where x itself: there merging the batch and token axes pins a
+    layout that the compiler otherwise chooses freely, and copies the tensors the layer reads and
+    writes to match (KAN-ViT-S/16 update at 128 per v4 device: 1.17x the bytes, 1.035x the peak
+    memory). XLA:CPU runs the merged matrices' plain GEMMs faster."""
+    return x if _k_minor(x) else x.reshape(-1, x.shape[-1])
 
 
 def _chebyshev_basis_operand(t: torch.Tensor, degree: int) -> torch.Tensor:
@@ -119,7 +134,7 @@ def _chebyshev_basis_operand(t: torch.Tensor, degree: int) -> torch.Tensor:
     gradient GEMM contracts it over the leading axes). The signs are undone in the GEMM weight
     (`_weight_maps`).
 
-    XLA: sigma_k cos(k acos t), k minor: one element-wise expression of the angle and k, which XLA's
+    XLA for a TPU or GPU: sigma_k cos(k acos t), k minor: one element-wise expression of the angle and k, which XLA's
     TPU compiler fuses into both GEMMs' operands, so the basis never reaches HBM; built by the
     recurrence, each T_k is its own tensor and the stacked basis is written to HBM and read back
     (KAN-ViT-S/16 update at 128 per v4 device: 1.14x the bytes, 1.055x the peak memory). Equal to
