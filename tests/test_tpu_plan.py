@@ -80,6 +80,7 @@ def test_planned_update_is_the_update_a_run_compiles(tmp_path, overrides):
     env = {
         **os.environ,
         "PJRT_DEVICE": "CPU",
+        "KAN_VIT_XLA_TARGET": "TPU",  # the KAN graph a TPU runs, as the plan traces it
         "PYTHONPATH": ROOT,
         "XLA_FLAGS": f"--xla_dump_to={tmp_path} --xla_dump_hlo_as_text",
     }
