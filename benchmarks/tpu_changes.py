@@ -73,12 +73,14 @@ CHANGES = {
     "kan_angle_basis": (
         "kan_s16",
         "the KAN basis by the recurrence, stacked (k major), instead of cos(k acos t) (k minor)",
-        "from kan_vit.models import chebykan\nchebykan._k_minor = lambda t: False\nchebykan._gemm_rows = lambda x: x",
+        "from kan_vit.models import chebykan\n"
+        "chebykan._k_minor = lambda t: False\n"
+        "chebykan._gemm_rows = lambda x, k_minor: x",
     ),
     "kan_token_axes": (
         "kan_s16",
         "the KAN GEMMs on (batch x tokens, D) matrices instead of on the (batch, tokens, D) input",
-        "from kan_vit.models import chebykan\nchebykan._gemm_rows = lambda x: x.reshape(-1, x.shape[-1])",
+        "from kan_vit.models import chebykan\nchebykan._gemm_rows = lambda x, k_minor: x.reshape(-1, x.shape[-1])",
     ),
     "kan_recompute": (
         "kan_s16",

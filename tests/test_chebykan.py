@@ -265,8 +265,8 @@ def test_xla_matches_cpu(target, monkeypatch):
 
 
 def test_xla_angle_basis_holds_at_saturation(monkeypatch):
-    """XLA for a TPU builds the basis as cos(k acos t): at inputs whose tanh rounds to +-1 (|x| >= 9.1 in
-    float32), next to them and at 0, the output and both gradients stay within a few float32
+    """XLA for a TPU builds the basis as cos(k acos t): at inputs whose tanh rounds to +-1
+    (|x| >= 9.1 in float32), next to them and at 0, the output and both gradients stay within a few float32
     roundings of the float64 reference (relative to each tensor's largest entry)."""
     import torch_xla
 

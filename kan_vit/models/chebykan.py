@@ -120,32 +120,33 @@ def _k_minor(t: torch.Tensor) -> bool:
     return target != "CPU"
 
 
-def _gemm_rows(x: torch.Tensor) -> torch.Tensor:
+def _gemm_rows(x: torch.Tensor, k_minor: bool) -> torch.Tensor:
     """x with its leading axes as the GEMMs' rows: merged into one (N, in) matrix, except on XLA
     for a TPU or GPU (`_k_minor`), where x itself: there merging the batch and token axes pins a
     layout that the compiler otherwise chooses freely, and copies the tensors the layer reads and
     writes to match (KAN-ViT-S/16 update at 128 per v4 device: 1.17x the bytes, 1.035x the peak
     memory). XLA:CPU runs the merged matrices' plain GEMMs faster."""
-    return x if _k_minor(x) else x.reshape(-1, x.shape[-1])
+    return x if k_minor else x.reshape(-1, x.shape[-1])
 
 
-def _chebyshev_basis_operand(t: torch.Tensor, degree: int) -> torch.Tensor:
+def _chebyshev_basis_operand(t: torch.Tensor, degree: int, k_minor: bool) -> torch.Tensor:
     """R_k = sigma_k T_k(t) for k = 1..K: the (..., K * D) operand of the forward GEMM (the weight-
     gradient GEMM contracts it over the leading axes). The signs are undone in the GEMM weight
     (`_weight_maps`).
 
-    XLA for a TPU or GPU: sigma_k cos(k acos t), k minor: one element-wise expression of the angle and k, which XLA's
-    TPU compiler fuses into both GEMMs' operands, so the basis never reaches HBM; built by the
-    recurrence, each T_k is its own tensor and the stacked basis is written to HBM and read back
-    (KAN-ViT-S/16 update at 128 per v4 device: 1.14x the bytes, 1.055x the peak memory). Equal to
-    the recurrence to float rounding for |t| <= 1, t = +-1 included (the angle form has no
-    singular point; only its derivative has, and the backward differentiates the polynomials).
+    k_minor (XLA for a TPU or GPU): sigma_k cos(k acos t), k minor: one element-wise expression of
+    the angle and k, which XLA's TPU compiler fuses into both GEMMs' operands, so the basis never
+    reaches HBM; built by the recurrence, each T_k is its own tensor and the stacked basis is
+    written to HBM and read back (KAN-ViT-S/16 update at 128 per v4 device: 1.14x the bytes,
+    1.055x the peak memory). Equal to the recurrence to float rounding for |t| <= 1, t = +-1
+    included (the angle form has no singular point; only its derivative has, and the backward
+    differentiates the polynomials).
 
     Elsewhere: the recurrence, with the signs R_k = R_(k-2) + 2 sigma_k sigma_(k-1) t R_(k-1), one
     addcmul (one element-wise pass) per k, column blocks k-major; eager writes them into one
     (..., K * D) buffer, torch.compile / torch.export concatenate them.
     """
-    if _k_minor(t):
+    if k_minor:
         k = torch.arange(1, degree + 1, device=t.device)
         return (torch.cos(torch.acos(t).unsqueeze(-1) * k.to(t.dtype)) * _sign(k).to(t.dtype)).flatten(-2)
     d = t.shape[-1]
@@ -209,10 +210,11 @@ class _ChebyKANFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, coefficients, compute_dtype):
         d_in, d_out, num_terms = coefficients.shape
-        t = _tanh(_gemm_rows(x))
-        basis = _chebyshev_basis_operand(t, num_terms - 1).to(compute_dtype)
+        k_minor = _k_minor(x)
+        t = _tanh(_gemm_rows(x, k_minor))
+        basis = _chebyshev_basis_operand(t, num_terms - 1, k_minor).to(compute_dtype)
         signed, _ = _weight_maps(num_terms - 1, compute_dtype, x.device)
-        weight = _gemm_weight(coefficients, signed[:, 1:], _k_minor(t))
+        weight = _gemm_weight(coefficients, signed[:, 1:], k_minor)
         # T_0 = 1 term: sum_i C[i, :, 0], accumulated in float32 at least (XLA sums bf16 in bf16)
         const = coefficients[:, :, 0].to(compute_dtype).sum(0, dtype=torch.promote_types(compute_dtype, torch.float32))
         const = const.to(compute_dtype)
@@ -229,15 +231,15 @@ class _ChebyKANFunction(torch.autograd.Function):
         compute_dtype = ctx.compute_dtype
         signed, scaled = _weight_maps(degree, compute_dtype, x.device)
         need_x, need_c = ctx.needs_input_grad[:2]
-        rows = _gemm_rows(_after_gradient(x, grad_y))
+        k_minor = _k_minor(x)
+        rows = _gemm_rows(_after_gradient(x, grad_y), k_minor)
         grad_y = grad_y.reshape(*rows.shape[:-1], d_out).to(compute_dtype)
         tokens = list(range(rows.dim() - 1))  # the axes the coefficient gradient sums over
         t = _tanh(rows)
-        k_minor = _k_minor(t)
         grad_x = grad_c = basis = None
 
         if need_c:
-            basis = _chebyshev_basis_operand(t, degree).to(compute_dtype)
+            basis = _chebyshev_basis_operand(t, degree, k_minor).to(compute_dtype)
             # row block k: sigma_k dL/dC[:, :, k]; an einsum, as tensordot merges the token axes
             grad_w = torch.einsum("...i,...o->io", basis, grad_y)
             grad_c = _coefficient_gradient(grad_w, signed, d_in, k_minor)

@@ -89,8 +89,8 @@ class XlaBackend:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """timm's attention in its explicit form (q k^T, softmax, @ v, as the original): on XLA,
         scaled_dot_product_attention lowers to the same ops plus a check of every attention row for
-        all-masked scores; on the TPU compiler's measure the DeiT-S/16 update then moves 1.06x the
-        bytes and needs 1.05x the peak memory (benchmarks/tpu_changes.py, docs/performance.md)."""
+        all-masked scores; on the TPU compiler's measure the DeiT-S/16 update then moves 1.105x the
+        bytes and needs 1.069x the peak memory (benchmarks/tpu_changes.py, docs/performance.md)."""
         for module in model.modules():
             if hasattr(module, "fused_attn"):
                 module.fused_attn = False
