@@ -1,5 +1,5 @@
 """Kill -9 a training run at its first checkpoint, or stop it with SIGTERM, rerun it, and compare
-it with an uninterrupted run: shared by the one-replica and multi-replica resume tests."""
+it with an uninterrupted run: shared by the multi-replica and multi-process resume tests."""
 
 import os
 import signal
@@ -84,15 +84,20 @@ def rerun_resumes(command: list[str], env: dict, out_dir, killed_at: int) -> Non
 
 
 def assert_resume_matches_uninterrupted(
-    command_for, env: dict, tmp_path, total_steps: int, interrupt=kill_at_first_checkpoint
+    command_for, env: dict, tmp_path, total_steps: int, interrupts=(kill_at_first_checkpoint,)
 ) -> None:
-    """Run `command_for(out_dir)` uninterrupted in tmp_path/whole and interrupted (`interrupt`:
-    kill_at_first_checkpoint or stop_with_sigterm) + rerun in tmp_path/broken; both must end alike."""
+    """Run `command_for(out_dir)` uninterrupted in tmp_path/whole, and in tmp_path/broken
+    interrupted by each of `interrupts` in turn (kill_at_first_checkpoint, stop_with_sigterm; each
+    later one resumes and must stop later), then rerun to the end: both must end alike."""
     whole = subprocess.run(command_for(tmp_path / "whole"), env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-3000:]
     broken = tmp_path / "broken"
-    killed_at = interrupt(command_for(broken), env, broken, total_steps)
-    rerun_resumes(command_for(broken), env, broken, killed_at)
+    stopped_at = 0
+    for interrupt in interrupts:
+        step = interrupt(command_for(broken), env, broken, total_steps)
+        assert step > stopped_at
+        stopped_at = step
+    rerun_resumes(command_for(broken), env, broken, stopped_at)
     assert_same_end(tmp_path / "whole", broken, total_steps)
 
 

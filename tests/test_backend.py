@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch_xla
 from cpu_processes import torchrun, without_torch_xla_env
-from kill_and_resume import assert_resume_matches_uninterrupted, stop_with_sigterm
+from kill_and_resume import assert_resume_matches_uninterrupted, kill_at_first_checkpoint, stop_with_sigterm
 from test_train import DEMO, EVALUATE, LAUNCH, ROOT, tiny_overrides
 
 from kan_vit.training import checkpoint, loop
@@ -73,11 +73,12 @@ def _check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("num_replicas", [2, 4])
-def test_replicas_with_batch_shares_update_like_one_replica_with_the_whole_batch(tmp_path, num_replicas):
-    """One update: parameters to 1e-6; the logged loss is the mean and data/skipped the sum over
-    replicas; evaluation counts every image of an uneven split once. Then four updates with
-    dropout and drop-path (different masks per replica) leave the replicas bit-identical."""
+def test_replicas_with_batch_shares_update_like_one_replica_with_the_whole_batch(tmp_path):
+    """Four replicas, one update: parameters to 1e-6; the logged loss is the mean and data/skipped
+    the sum over replicas; evaluation counts every image of an uneven split once. Then four
+    updates with dropout and drop-path (different masks per replica) leave the replicas
+    bit-identical."""
+    num_replicas = 4
     generator = torch.Generator().manual_seed(num_replicas)
     images = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
     targets = torch.softmax(torch.randn(BATCH, CLASSES, generator=generator), -1)
@@ -171,10 +172,16 @@ def _resume_overrides(out, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_replicas_stop_together_at_sigterm_and_resume_like_an_uninterrupted_run(tmp_path):
-    """SIGTERM to the launcher: both replica threads stop after the same update (status 143)."""
+def test_two_replicas_resume_after_kill_9_and_stop_together_at_sigterm_like_an_uninterrupted_run(tmp_path):
+    """Killed at the first checkpoint (an evaluation) and resumed; then SIGTERM to the launcher:
+    both replica threads stop after the same update (status 143, last.pth at the stop); resumed
+    again to the end: the parameters, moments and records of an uninterrupted run."""
     assert_resume_matches_uninterrupted(
-        lambda out: _launch(_resume_overrides(out), 2)[0], _replica_env(2), tmp_path, 24, stop_with_sigterm
+        lambda out: _launch(_resume_overrides(out), 2)[0],
+        _replica_env(2),
+        tmp_path,
+        24,
+        (kill_at_first_checkpoint, stop_with_sigterm),
     )
     # the gather of the signal notes (at 10 and 20) compiled once: no graph is added after it
     compiles = [r["perf/compiles"] for r in read_metrics(str(tmp_path / "whole" / "metrics.jsonl")) if "val/acc1" in r]
@@ -283,7 +290,7 @@ def test_two_processes_stop_together_at_sigterm_to_one_and_resume_like_an_uninte
         without_torch_xla_env(tmp_path),
         tmp_path,
         24,
-        functools.partial(stop_with_sigterm, rank=1, status=1),
+        (functools.partial(stop_with_sigterm, rank=1, status=1),),
     )
     assert len(checkpoint.load(str(tmp_path / "broken" / "last.pth"))["rng"]) == 2
 

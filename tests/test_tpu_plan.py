@@ -153,23 +153,23 @@ def _gemm_update_flops(batch, layers, dim, tokens, patch, labels, ffn):
 @pytest.mark.parametrize("use_kan", [False, True])
 def test_command_reports_the_tiny_update_on_v4(use_kan):
     """The command's numbers for a one-block model: FLOPs 0-3% above the closed-form GEMM count of
-    the update (the rest: GELU, softmax, layer norms, AdamW), the donated bytes
+    the update (the rest: GELU, softmax, layer norms, AdamW; the KAN at degree 3: its compile time
+    grows with the degree), the donated bytes
     = parameters and both AdamW moments, a peak that adds up."""
-    batch, dim = 32, 768
+    batch, dim, degree = 32, 768, 3
+    overrides = [*TINY, f"model.use_kan={str(use_kan).lower()}", f"model.polynomial_degree={degree}"]
     result = run_command(
         "--config", CONFIG, "--tpu", "v4", "--batch", str(batch), "--eval-batch", "8", "--json",
-        *[a for o in TINY + [f"model.use_kan={str(use_kan).lower()}"] for a in ("--set", o)],
+        *[a for o in overrides for a in ("--set", o)],
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     plan = json.loads(result.stdout)
     train = plan["steps"][0]
-    # MLP: 2 GEMMs D -> 4D -> D; KAN: one GEMM of the K = 8 basis blocks (T_0 folded) D * 8 -> D
-    ffn = 2 * 2 * dim * 4 * dim if not use_kan else 2 * 8 * dim * dim
+    # MLP: 2 GEMMs D -> 4D -> D; KAN: one GEMM of the K basis blocks (T_0 folded) D * K -> D
+    ffn = 2 * 2 * dim * 4 * dim if not use_kan else 2 * degree * dim * dim
     expected = _gemm_update_flops(batch, 1, dim, 17, 16, 10, ffn)
     assert expected <= train["flops"] <= expected * 1.03
-    params = sum(
-        p.numel() for p in build_model(load(CONFIG, TINY + [f"model.use_kan={str(use_kan).lower()}"])).parameters()
-    )
+    params = sum(p.numel() for p in build_model(load(CONFIG, overrides)).parameters())
     assert 3 * 4 * params <= train["alias_bytes"] <= 3 * 4 * params * 1.25  # TPU layouts pad small tensors
     assert train["peak_bytes"] == (
         train["argument_bytes"] + train["output_bytes"] - train["alias_bytes"] + train["temp_bytes"]
@@ -187,24 +187,28 @@ def test_unknown_tpu_and_bad_batch_are_one_line():
 
 @pytest.mark.slow
 def test_a_config_that_cannot_fit_names_the_largest_batch_that_does():
-    """Attention over 3,137 tokens (4 px patches of 224 px images) needs ~0.15 GB per sample: 256
-    per device cannot fit a v3 core (16 GiB). The search ends between two compiled answers: the
-    batch it names compiled within the HBM and 8 more did not."""
-    small = ["model.layers=1", "model.dim=32", "model.heads=2", "model.patch_size=4", "model.labels=10"]
+    """Attention over 3,137 tokens (4 px patches of 224 px images) in 16 heads needs ~1.2 GB per
+    sample: 16 per device cannot fit a v3 core (16 GiB), 8 can. The command says both, from two
+    compiled answers."""
+    small = ["model.layers=1", "model.dim=32", "model.heads=16", "model.patch_size=4", "model.labels=10"]
     sets = [a for o in small for a in ("--set", o)]
-    result = run_command("--config", CONFIG, "--tpu", "v3", "--batch", "256", "--eval-batch", "8", "--max-batch", *sets)
+    result = run_command("--config", CONFIG, "--tpu", "v3", "--batch", "16", "--eval-batch", "8", "--max-batch", *sets)
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "train step, 256 per device: does not fit one device" in result.stdout
-    largest = int(
-        re.search(r"largest training batch per device that fits \(a multiple of 8\): (\d+)", result.stdout)[1]
-    )
-    compiled = dict(
-        (int(size), answer == "fits")
-        for size, answer in re.findall(r"(\d+) (fits|no)", result.stdout.split("training batches compiled:")[1])
-    )
-    assert 8 <= largest < 256 and largest % 8 == 0
-    assert compiled[largest] and not compiled[largest + 8] and not compiled[256]
-    assert all(fits == (size <= largest) for size, fits in compiled.items())  # fitting is monotone in the batch
+    assert "train step, 16 per device: does not fit one device (RESOURCE_EXHAUSTED" in result.stdout
+    assert "largest training batch per device that fits (a multiple of 8): 8\n" in result.stdout
+    assert "training batches compiled: 8 fits, 16 no\n" in result.stdout
+
+
+@pytest.mark.parametrize("start", [8, 16, 96, 256, 1024])
+@pytest.mark.parametrize("largest", [0, 8, 40, 96, 512])
+def test_max_batch_search_ends_between_a_fit_and_the_next_multiple(start, largest):
+    """The search on answers already compiled (`known`, as the command passes the batch it planned):
+    from any start, doubling or halving, then bisecting, it names the largest multiple of 8 that
+    fits, and needs no answer it was not given (a missing one would start a compile)."""
+    known = {size: size <= largest for size in range(8, 2049, 8)}
+    given = dict(known)
+    assert tpu_plan.max_batch("train", None, None, start, 8, known) == largest
+    assert known == given
 
 
 def test_a_step_that_fails_inside_is_one_error():

@@ -12,7 +12,6 @@ import torch
 import torch_xla
 import torch_xla.debug.metrics as met
 import torch_xla.distributed.parallel_loader as pl
-from kill_and_resume import assert_same_end, kill_at_first_checkpoint, rerun_resumes, stop_with_sigterm
 
 from kan_vit.training import checkpoint, loop
 from kan_vit.training.config import load, to_dict
@@ -310,31 +309,6 @@ def test_demo_short_run_learns_and_writes_its_files(tmp_path):
         assert got["val/count"] == 360
         for key in ("val/acc1", "val/acc5", "val/loss"):
             assert got[key] == pytest.approx(want[key], abs=1e-5), key
-
-
-def _resume_overrides(out):
-    return tiny_overrides(out) + [
-        "schedule.training_steps=32",
-        "schedule.eval_interval=8",
-        "schedule.log_interval=4",
-        "model.layers=2",
-        "model.dropout=0.1",
-    ]  # dropout: the RNG restore matters
-
-
-@pytest.mark.slow
-def test_resume_after_kill_9_and_after_sigterm_ends_like_an_uninterrupted_run(tmp_path):
-    """Killed at its first checkpoint (an evaluation), resumed, stopped by SIGTERM between
-    evaluations (exit status 143, last.pth at the stop), resumed again to the end."""
-    env = dict(os.environ, PJRT_DEVICE="CPU")
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    loop.train(load(DEMO, _resume_overrides(whole)))  # the uninterrupted run, in this process
-    command = [sys.executable, LAUNCH, "--config", DEMO] + [a for s in _resume_overrides(broken) for a in ("--set", s)]
-    killed_at = kill_at_first_checkpoint(command, env, broken, total_steps=32)
-    stopped_at = stop_with_sigterm(command, env, broken, total_steps=32)
-    assert stopped_at > killed_at
-    rerun_resumes(command, env, broken, stopped_at)
-    assert_same_end(whole, broken, total_steps=32)
 
 
 @pytest.mark.slow
