@@ -199,8 +199,8 @@ def test_a_config_that_cannot_fit_names_the_largest_batch_that_does():
     assert "training batches compiled: 8 fits, 16 no\n" in result.stdout
 
 
-@pytest.mark.parametrize("start", [8, 16, 96, 256, 1024])
-@pytest.mark.parametrize("largest", [0, 8, 40, 96, 512])
+@pytest.mark.parametrize("start", [8, 96, 1024])
+@pytest.mark.parametrize("largest", [0, 40, 512])
 def test_max_batch_search_ends_between_a_fit_and_the_next_multiple(start, largest):
     """The search on answers already compiled (`known`, as the command passes the batch it planned):
     from any start, doubling or halving, then bisecting, it names the largest multiple of 8 that
