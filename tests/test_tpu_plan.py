@@ -153,9 +153,9 @@ def _gemm_update_flops(batch, layers, dim, tokens, patch, labels, ffn):
 @pytest.mark.parametrize("use_kan", [False, True])
 def test_command_reports_the_tiny_update_on_v4(use_kan):
     """The command's numbers for a one-block model: FLOPs 0-3% above the closed-form GEMM count of
-    the update (the rest: GELU, softmax, layer norms, AdamW; the KAN at degree 3: its compile time
-    grows with the degree), the donated bytes
-    = parameters and both AdamW moments, a peak that adds up."""
+    the update (the rest: GELU, softmax, layer norms, AdamW), the donated bytes = parameters and
+    both AdamW moments, a peak that adds up. The KAN at degree 3: its TPU compile time grows with
+    the degree."""
     batch, dim, degree = 32, 768, 3
     overrides = [*TINY, f"model.use_kan={str(use_kan).lower()}", f"model.polynomial_degree={degree}"]
     result = run_command(
@@ -201,7 +201,7 @@ def test_a_config_that_cannot_fit_names_the_largest_batch_that_does():
 
 @pytest.mark.parametrize("start", [8, 96, 1024])
 @pytest.mark.parametrize("largest", [0, 40, 512])
-def test_max_batch_search_ends_between_a_fit_and_the_next_multiple(start, largest):
+def test_max_batch_search_names_the_largest_fitting_multiple_from_any_start(start, largest):
     """The search on answers already compiled (`known`, as the command passes the batch it planned):
     from any start, doubling or halving, then bisecting, it names the largest multiple of 8 that
     fits, and needs no answer it was not given (a missing one would start a compile)."""
