@@ -33,7 +33,7 @@ from kan_vit.training.config import (
     validate,
 )
 from kan_vit.training.data import check_dataset, create_valid_loader
-from kan_vit.training.loop import DivergenceError, evaluate, launch, train
+from kan_vit.training.loop import DivergenceError, evaluate, launch
 from kan_vit.training.model_factory import build_model_with_weights
 
 TRAIN_DOC = """Train KAN-ViT / DeiT with the original's recipes.
@@ -106,14 +106,7 @@ def train_main(argv=None, backend_name: str | None = None, doc: str = TRAIN_DOC)
     if name == XLA or backend.current().accelerator.is_main_process:  # XLA: before spawning
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
     try:
-        if name == ACCELERATE:
-            preemption.install()  # this process is the replica (XLA: `launch` installs them in its replicas)
-            try:
-                train(cfg)
-            finally:
-                backend.current().accelerator.end_training()
-        else:
-            launch(cfg)
+        launch(cfg)
     except DivergenceError as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 3
@@ -150,8 +143,5 @@ def evaluate_main(argv=None) -> int:
     except (ConfigError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if name == ACCELERATE:
-        evaluate_checkpoint(cfg, args.checkpoint)
-    else:
-        backend.current().spawn(_evaluate_replica, (to_dict(cfg), args.checkpoint))
+    backend.current().spawn(_evaluate_replica, (to_dict(cfg), args.checkpoint))
     return 0

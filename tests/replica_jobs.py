@@ -87,6 +87,6 @@ if __name__ == "__main__":
     fn = {"updates": updates, "batches": batches}[job]
     if sys.argv[5:] == [ACCELERATE]:
         backend.use(backend.AccelerateBackend())
-        fn(backend.current().rank, cfgs, data_path, out)
-    else:
-        backend.current().spawn(fn, (cfgs, data_path, out))
+    backend.current().spawn(fn, (cfgs, data_path, out))
+    # a process group left to the interpreter's exit can abort a finished job (gloo, SIGABRT)
+    assert not torch.distributed.is_initialized(), "spawn returned with the process group alive"

@@ -207,6 +207,17 @@ class AccelerateBackend:
     def expected_world_size(self) -> int:
         return self.accelerator.num_processes
 
+    def spawn(self, fn, args: tuple, stop_on_signal: bool = False) -> None:
+        """fn(rank, *args) in this process (`accelerate launch` / torchrun started one per device),
+        then the process group ends: gloo threads still running when the interpreter exits can
+        abort a process whose work succeeded (SIGABRT). `stop_on_signal`: as XlaBackend's."""
+        if stop_on_signal:
+            preemption.install()
+        try:
+            fn(self.rank, *args)
+        finally:
+            self.accelerator.end_training()
+
     @property
     def device(self) -> torch.device:
         return self.accelerator.device

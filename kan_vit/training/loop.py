@@ -381,5 +381,6 @@ def _mp_fn(index: int, cfg_dict: dict) -> None:
 
 
 def launch(cfg: Config) -> None:
-    """Train on every XLA device of this host; the config travels as a plain dict."""
+    """Train in every replica the backend runs on this host (XLA: one per device; accelerate: this
+    process); the config travels as a plain dict."""
     current().spawn(_mp_fn, (to_dict(cfg),), stop_on_signal=True)
