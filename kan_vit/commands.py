@@ -115,18 +115,14 @@ def train_main(argv=None, backend_name: str | None = None, doc: str = TRAIN_DOC)
     return 0
 
 
-def evaluate_checkpoint(cfg, checkpoint: str) -> None:
-    """In every process: its share of the validation set; the first process prints the metrics."""
-    b = backend.current()
+def _evaluate_replica(index: int, cfg_dict: dict, checkpoint: str) -> None:
+    """In every replica: its share of the validation set; the first one prints the metrics."""
+    cfg, b = from_dict(cfg_dict), backend.current()
     model = build_model_with_weights(cfg, checkpoint, new_head=False).to(b.device)
     loader, _ = create_valid_loader(cfg, world_size=b.world_size, rank=b.rank, local_replicas=b.local_process_count)
     metrics = evaluate(model, b.device_loader(loader), cfg)
     if b.rank == 0:
         print(json.dumps({"checkpoint": checkpoint, **metrics}), flush=True)
-
-
-def _evaluate_replica(index: int, cfg_dict: dict, checkpoint: str) -> None:
-    evaluate_checkpoint(from_dict(cfg_dict), checkpoint)
 
 
 def evaluate_main(argv=None) -> int:
