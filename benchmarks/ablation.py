@@ -12,9 +12,9 @@ hidden width H is the integer nearest to solving 2*D*H + H + D = D*D*(K + 1) (ML
 feed-forward parameters; everything else is shared), asserted to give the whole model within 1% of
 the KAN's parameters.
 
-Each configuration is compared with the MLP by a paired t-test over seeds (seed s of both shares
-the data order): mean difference, two-sided p, and `*` where p < 0.05. Writes OUT/ablation.md and
-OUT/ablation.png; each run's directory keeps its metrics.jsonl (see kan-vit-plot). A run whose
+Each configuration is compared with the MLP and with KAN K=4 by a paired t-test over seeds (seed
+s of both shares the data order): mean difference, two-sided p, and `*` where p < 0.05. Writes
+OUT/ablation.md and OUT/ablation.png; each run's directory keeps its metrics.jsonl (see kan-vit-plot). A run whose
 result.json exists is not repeated, so an interrupted grid continues where it stopped.
 """
 
@@ -106,12 +106,12 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {std:.4f}"
 
 
-def paired_vs_mlp(runs: list[dict], mlp_runs: list[dict]) -> str:
-    """Mean acc1 difference to the MLP over the seeds, the paired t-test's p, `*` if p < 0.05."""
-    diffs = [r["val_acc1"] - m["val_acc1"] for r, m in zip(runs, mlp_runs)]
+def paired(runs: list[dict], base_runs: list[dict]) -> str:
+    """Mean acc1 difference to base_runs over the seeds, the paired t-test's p, `*` if p < 0.05."""
+    diffs = [r["val_acc1"] - b["val_acc1"] for r, b in zip(runs, base_runs)]
     if len(diffs) < 2:
         return f"{statistics.mean(diffs):+.4f}"
-    p = stats.ttest_rel([r["val_acc1"] for r in runs], [m["val_acc1"] for m in mlp_runs]).pvalue
+    p = stats.ttest_rel([r["val_acc1"] for r in runs], [b["val_acc1"] for b in base_runs]).pvalue
     return f"{statistics.mean(diffs):+.4f} (p = {p:.3f}){' *' if p < 0.05 else ''}"
 
 
@@ -148,16 +148,17 @@ def main() -> None:
         f"{machine_info()}",
         "",
         f"{args.task} ({num_valid} held-out images), {args.layers} blocks, {args.steps} updates per run, "
-        f"{args.seeds} seeds (0..{args.seeds - 1}), mean ± std over seeds; vs MLP: paired over seeds, "
-        "t-test p, * p < 0.05",
+        f"{args.seeds} seeds (0..{args.seeds - 1}), mean ± std over seeds; vs MLP, vs KAN K=4: "
+        "paired over seeds, t-test p, * p < 0.05",
         "",
-        "| configuration | params | val acc1 | vs MLP | final train loss |",
-        "|---|---:|---:|---:|---:|",
+        "| configuration | params | val acc1 | vs MLP | vs KAN K=4 | final train loss |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, runs in results.items():
-        vs = "-" if name == MLP else paired_vs_mlp(runs, results[MLP])
+        vs_mlp = "-" if name == MLP else paired(runs, results[MLP])
+        vs_kan = "-" if name in (MLP, "KAN K=4") else paired(runs, results["KAN K=4"])
         lines.append(
-            f"| {name} | {runs[0]['params']:,} | {mean_std([r['val_acc1'] for r in runs])} | {vs} | "
+            f"| {name} | {runs[0]['params']:,} | {mean_std([r['val_acc1'] for r in runs])} | {vs_mlp} | {vs_kan} | "
             f"{mean_std([r['train_loss'] for r in runs])} |"
         )
     table = "\n".join(lines) + "\n"
