@@ -14,8 +14,9 @@ the KAN's parameters.
 
 Each configuration is compared with the MLP and with KAN K=4 by a paired t-test over seeds (seed
 s of both shares the data order): mean difference, two-sided p, and `*` where p < 0.05. Writes
-OUT/ablation.md and OUT/ablation.png; each run's directory keeps its metrics.jsonl (see kan-vit-plot). A run whose
-result.json exists is not repeated, so an interrupted grid continues where it stopped.
+OUT/ablation.md and OUT/ablation.png; each run's directory keeps its metrics.jsonl (see
+kan-vit-plot). A run whose result.json exists is not repeated, so an interrupted grid continues
+where it stopped.
 """
 
 import argparse
@@ -45,7 +46,8 @@ TASKS = {
     "mnist": (os.path.join(ROOT, "configs", "demo_mnist.yaml"), 1000),
 }
 DEGREE = 4  # the demos' polynomial_degree
-MLP = "MLP, params = KAN K=4"
+KAN = f"KAN K={DEGREE}"  # the baseline every setting is paired with, besides the MLP
+MLP = f"MLP, params = {KAN}"
 
 
 def matched_mlp_ratio(dim: int, degree: int) -> float:
@@ -60,7 +62,7 @@ def configurations(dim: int, layers: int) -> dict[str, list[str]]:
     return {
         "KAN K=1": ["model.polynomial_degree=1"],
         "KAN K=2": ["model.polynomial_degree=2"],
-        "KAN K=4": [],
+        KAN: [],
         "KAN K=8": ["model.polynomial_degree=8"],
         MLP: ["model.use_kan=false", f"model.mlp_ratio={matched_mlp_ratio(dim, DEGREE)}"],
         "K=4 + variance-preserving init": ["model.kan_init=variance_preserving"],
@@ -133,7 +135,7 @@ def main() -> None:
     unknown = sorted(set(args.only or []) - set(grid))
     if unknown:
         parser.error(f"--only: unknown configuration {unknown[0]!r}; choose from {sorted(grid)}")
-    names = [n for n in grid if args.only is None or n in args.only or n in (MLP, "KAN K=4")]
+    names = [n for n in grid if args.only is None or n in args.only or n in (MLP, KAN)]
 
     results = {name: [] for name in names}
     for seed in range(args.seeds):  # seed-major: an interrupted grid leaves complete pairs
@@ -142,7 +144,7 @@ def main() -> None:
             overrides = grid[name] + [f"model.layers={args.layers}"]
             results[name].append(run_one(config, overrides, args.steps, seed, os.path.join(out, slug, f"seed{seed}")))
 
-    kan_params, mlp_params = results["KAN K=4"][0]["params"], results[MLP][0]["params"]
+    kan_params, mlp_params = results[KAN][0]["params"], results[MLP][0]["params"]
     assert abs(mlp_params - kan_params) <= 0.01 * kan_params, (mlp_params, kan_params)
     lines = [
         f"{machine_info()}",
@@ -156,7 +158,7 @@ def main() -> None:
     ]
     for name, runs in results.items():
         vs_mlp = "-" if name == MLP else paired(runs, results[MLP])
-        vs_kan = "-" if name in (MLP, "KAN K=4") else paired(runs, results["KAN K=4"])
+        vs_kan = "-" if name in (MLP, KAN) else paired(runs, results[KAN])
         lines.append(
             f"| {name} | {runs[0]['params']:,} | {mean_std([r['val_acc1'] for r in runs])} | {vs_mlp} | {vs_kan} | "
             f"{mean_std([r['train_loss'] for r in runs])} |"
