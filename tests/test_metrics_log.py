@@ -53,7 +53,11 @@ def test_wandb_offline_resume_continues_the_stored_run_and_a_fresh_start_gets_a_
     fresh = run(0)  # resume=never (or no checkpoint): a new run
     assert first == resumed != fresh
     assert (tmp_path / "wandb_id.txt").read_text().strip() == fresh
-    written = sorted(d.name.rsplit("-", 1)[1] for d in (tmp_path / "wandb").glob("offline-run-*"))
+    # the id is read from each run's data file: a directory's name gains a "-1" when a resumed run
+    # starts in the same second as the run it continues
+    run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
+    run_files = [f for d in run_dirs for f in d.glob("run-*.wandb")]
+    assert len(run_dirs) == len(run_files) == 3
+    written = sorted(f.name.removeprefix("run-").removesuffix(".wandb") for f in run_files)
     assert written == sorted([first, first, fresh])
-    for run_dir in (tmp_path / "wandb").glob("offline-run-*"):
-        assert (run_dir / f"run-{run_dir.name.rsplit('-', 1)[1]}.wandb").stat().st_size > 0
+    assert all(f.stat().st_size > 0 for f in run_files)
